@@ -1,0 +1,48 @@
+"""The pure memory model: page pool, buddy allocator, objects, migration, compaction, vmstat.
+
+No I/O (besides the pool's memfd), no trio, no pyfuse3.
+"""
+
+from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, PoolView
+from gemfs.mm.core import MemoryManager, MigrateOutcome, ObjectError
+from gemfs.mm.objects import GemObject
+from gemfs.mm.ops import AddressSpaceOps, MigrationCore, Notifier, ShmemOps
+from gemfs.mm.types import (
+    MAX_ORDER,
+    PAGE_SIZE,
+    PAGEBLOCK_NR_PAGES,
+    PAGEBLOCK_ORDER,
+    Design,
+    MigrateMode,
+    MigrateType,
+    ObjId,
+    OutOfMemory,
+    Pfn,
+    parse_size,
+)
+
+__all__ = [
+    "MAX_ORDER",
+    "PAGEBLOCK_NR_PAGES",
+    "PAGEBLOCK_ORDER",
+    "PAGE_SIZE",
+    "AddressSpaceOps",
+    "Batch",
+    "CompactResult",
+    "CompactionPolicy",
+    "Design",
+    "GemObject",
+    "MemoryManager",
+    "MigrateMode",
+    "MigrateOutcome",
+    "MigrateType",
+    "MigrationCore",
+    "Notifier",
+    "ObjId",
+    "ObjectError",
+    "OutOfMemory",
+    "Pfn",
+    "PoolView",
+    "ShmemOps",
+    "parse_size",
+]

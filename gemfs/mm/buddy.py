@@ -1,0 +1,345 @@
+"""The buddy allocator (mm/page_alloc.c in miniature).
+
+Free lists per (order, migrate type) are intrusive doubly linked lists threaded through the free
+heads' ``owner`` (prev) and ``index`` (next) fields. Allocation takes the list head; freeing merges
+with the buddy while it is free and of the same order. When a migrate type runs dry the allocator
+falls back to other types in Linux's order and may steal the whole pageblock
+(``steal_suitable_fallback``): that is how mixed pageblocks, and with them fragmentation, arise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gemfs.mm.pool import (
+    I64,
+    OWNER_NONE,
+    PG_ALLOC,
+    PG_BUDDY,
+    PG_FREE,
+    PG_MT_MASK,
+    PG_MT_SHIFT,
+    PG_TARGET,
+    PagePool,
+)
+from gemfs.mm.types import (
+    FALLBACKS,
+    MAX_ORDER,
+    NR_MIGRATETYPES,
+    NR_ORDERS,
+    PAGEBLOCK_NR_PAGES,
+    PAGEBLOCK_ORDER,
+    MigrateType,
+    OutOfMemory,
+)
+
+NIL = -1
+
+
+def can_steal_fallback(order: int, start_mt: MigrateType) -> bool:
+    """mm/page_alloc.c can_steal_fallback(): may the request claim the whole pageblock?"""
+    if order >= PAGEBLOCK_ORDER:
+        return True
+    return order >= PAGEBLOCK_ORDER // 2 or start_mt != MigrateType.MOVABLE
+
+
+class BuddyAllocator:
+    def __init__(self, pool: PagePool) -> None:
+        self.pool = pool
+        self.head = [[NIL] * NR_MIGRATETYPES for _ in range(NR_ORDERS)]
+        self.tail = [[NIL] * NR_MIGRATETYPES for _ in range(NR_ORDERS)]
+        self.nr_free = [[0] * NR_MIGRATETYPES for _ in range(NR_ORDERS)]
+        self.free_pages = 0
+        self.steals = 0  # pageblocks whose type a fallback changed
+        self.fallbacks = 0  # allocations served from another type's list
+        for pfn in range(0, pool.nr_pages, 1 << MAX_ORDER):
+            self._add(pfn, MAX_ORDER, pool.get_pageblock_migratetype(pfn), tail=True)
+            self.free_pages += 1 << MAX_ORDER
+
+    # -- free lists -------------------------------------------------------------------------
+    def _add(self, pfn: int, order: int, mt: int, *, tail: bool = False) -> None:
+        p = self.pool
+        n = 1 << order
+        p.flags[pfn : pfn + n] = PG_FREE
+        p.owner[pfn : pfn + n] = OWNER_NONE
+        p.index[pfn : pfn + n] = NIL
+        p.flags[pfn] = PG_FREE | PG_BUDDY | (mt << PG_MT_SHIFT)
+        p.order[pfn] = order
+        if tail and self.tail[order][mt] != NIL:
+            last = self.tail[order][mt]
+            p.index[last] = pfn
+            p.owner[pfn] = last
+            self.tail[order][mt] = pfn
+        else:
+            first = self.head[order][mt]
+            p.index[pfn] = first
+            if first != NIL:
+                p.owner[first] = pfn
+            else:
+                self.tail[order][mt] = pfn
+            self.head[order][mt] = pfn
+        self.nr_free[order][mt] += 1
+
+    def _del(self, pfn: int) -> tuple[int, int]:
+        """Take a free head off its list; returns (order, mt). Frames keep PG_FREE."""
+        p = self.pool
+        order = int(p.order[pfn])
+        mt = (int(p.flags[pfn]) & PG_MT_MASK) >> PG_MT_SHIFT
+        prev, nxt = int(p.owner[pfn]), int(p.index[pfn])
+        if prev != NIL:
+            p.index[prev] = nxt
+        else:
+            self.head[order][mt] = nxt
+        if nxt != NIL:
+            p.owner[nxt] = prev
+        else:
+            self.tail[order][mt] = prev
+        p.flags[pfn] = PG_FREE
+        p.owner[pfn] = OWNER_NONE
+        p.index[pfn] = NIL
+        self.nr_free[order][mt] -= 1
+        return order, mt
+
+    def _expand(self, pfn: int, low: int, high: int, mt: int) -> None:
+        """Split a block of order ``high`` down to ``low``; upper halves go back on the lists."""
+        while high > low:
+            high -= 1
+            self._add(pfn + (1 << high), high, mt)
+
+    def _mark_allocated(self, pfn: int, n: int, mt: int) -> None:
+        p = self.pool
+        p.flags[pfn : pfn + n] = PG_ALLOC | (mt << PG_MT_SHIFT)
+        p.order[pfn : pfn + n] = 0
+        self.free_pages -= n
+
+    # -- allocation -------------------------------------------------------------------------
+    def _rmqueue_smallest(self, order: int, mt: int) -> int:
+        for o in range(order, NR_ORDERS):
+            pfn = self.head[o][mt]
+            if pfn != NIL:
+                self._del(pfn)
+                self._expand(pfn, order, o, mt)
+                return pfn
+        return NIL
+
+    def _find_suitable_fallback(self, order: int, start_mt: MigrateType) -> tuple[int, bool]:
+        for fmt in FALLBACKS[start_mt]:
+            if self.head[order][fmt] != NIL:
+                return int(fmt), can_steal_fallback(order, start_mt)
+        return NIL, False
+
+    def _rmqueue_fallback(self, order: int, start_mt: MigrateType) -> bool:
+        """__rmqueue_fallback(): move a block of another type to start_mt's lists."""
+        found = NIL
+        can_steal = False
+        current = MAX_ORDER
+        while current >= order:
+            found, can_steal = self._find_suitable_fallback(current, start_mt)
+            if found != NIL:
+                if not can_steal and start_mt == MigrateType.MOVABLE and current > order:
+                    found = NIL  # don't break up a large block for a movable request
+                break
+            current -= 1
+        if found == NIL:  # find_smallest
+            for current in range(order, NR_ORDERS):
+                found, can_steal = self._find_suitable_fallback(current, start_mt)
+                if found != NIL:
+                    break
+        if found == NIL:
+            return False
+        pfn = self.head[current][found]
+        self._steal_suitable_fallback(pfn, current, start_mt, can_steal)
+        self.fallbacks += 1
+        return True
+
+    def _steal_suitable_fallback(
+        self, pfn: int, current: int, start_mt: MigrateType, whole_block: bool
+    ) -> None:
+        p = self.pool
+        old_mt = p.get_pageblock_migratetype(pfn)
+        if current >= PAGEBLOCK_ORDER:
+            first = pfn >> PAGEBLOCK_ORDER
+            nblocks = 1 << (current - PAGEBLOCK_ORDER)
+            p.pageblock_mt[first : first + nblocks] = start_mt
+            self.steals += nblocks
+            self._del(pfn)
+            self._add(pfn, current, start_mt)
+            return
+        if not whole_block:
+            self._del(pfn)
+            self._add(pfn, current, start_mt)
+            return
+        free_pages, movable_pages = self._move_freepages_block(pfn, start_mt)
+        if start_mt == MigrateType.MOVABLE:
+            alike = movable_pages
+        elif old_mt == MigrateType.MOVABLE:
+            alike = PAGEBLOCK_NR_PAGES - (free_pages + movable_pages)
+        else:
+            alike = 0
+        if free_pages + alike >= PAGEBLOCK_NR_PAGES // 2:
+            p.set_pageblock_migratetype(pfn, start_mt)
+            self.steals += 1
+
+    def _move_freepages_block(self, pfn: int, mt: MigrateType) -> tuple[int, int]:
+        """Move every free block of the pageblock to mt's lists; count free and movable pages."""
+        p = self.pool
+        start = pfn & ~(PAGEBLOCK_NR_PAGES - 1)
+        fl = p.flags[start : start + PAGEBLOCK_NR_PAGES]
+        heads = np.flatnonzero(fl & PG_BUDDY) + start
+        free_pages = 0
+        for h in heads.tolist():
+            order, _ = self._del(h)
+            self._add(h, order, mt)
+            free_pages += 1 << order
+        movable_bits = PG_ALLOC | (int(MigrateType.MOVABLE) << PG_MT_SHIFT)
+        movable = int(np.count_nonzero((fl & (PG_ALLOC | PG_MT_MASK)) == movable_bits))
+        return free_pages, movable
+
+    def alloc(self, order: int, mt: MigrateType) -> int:
+        """Allocate one block of 2**order frames (__rmqueue); raise OutOfMemory."""
+        if not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"order {order} out of range 0..{MAX_ORDER}")
+        pfn = self._rmqueue_smallest(order, mt)
+        while pfn == NIL:
+            if not self._rmqueue_fallback(order, mt):
+                raise OutOfMemory(f"no free block of order {order}")
+            pfn = self._rmqueue_smallest(order, mt)
+        self._mark_allocated(pfn, 1 << order, mt)
+        return pfn
+
+    def alloc_bulk(self, nr_pages: int, mt: MigrateType) -> I64:
+        """Allocate nr_pages order-0 pages as a run of single-page requests would get them.
+
+        Repeated order-0 requests consume the smallest free block first and walk it upward;
+        this takes those blocks whole, vectorized, with the same fallback and stealing rules.
+        On failure nothing stays allocated.
+        """
+        out: list[I64] = []
+        got = 0
+        try:
+            while got < nr_pages:
+                need = nr_pages - got
+                pfn, order = NIL, 0
+                for o in range(NR_ORDERS):
+                    if self.head[o][mt] != NIL:
+                        pfn, order = self.head[o][mt], o
+                        break
+                if pfn == NIL:
+                    if not self._rmqueue_fallback(0, mt):
+                        raise OutOfMemory(f"pool full: {need} more pages wanted")
+                    continue
+                self._del(pfn)
+                take = min(need, 1 << order)
+                self._expand_bulk(pfn, take, order, int(mt))
+                self._mark_allocated(pfn, take, int(mt))
+                out.append(np.arange(pfn, pfn + take, dtype=np.int64))
+                got += take
+        except OutOfMemory:
+            if out:
+                self.free_pfns(np.concatenate(out))
+            raise
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    def _expand_bulk(self, pfn: int, take: int, order: int, mt: int) -> None:
+        """Hand out the low ``take`` frames of a block; the rest goes back as aligned blocks."""
+        rest, end = pfn + take, pfn + (1 << order)
+        while rest < end:
+            o = _largest_aligned_order(rest, end - rest)
+            self._add(rest, o, mt)
+            rest += 1 << o
+
+    # -- freeing ----------------------------------------------------------------------------
+    def _free_one(self, pfn: int, order: int) -> None:
+        """__free_one_page(): merge with free buddies, then queue the block."""
+        p = self.pool
+        mt = int(p.pageblock_mt[pfn >> PAGEBLOCK_ORDER])
+        size = 1 << order
+        while order < MAX_ORDER:
+            buddy = pfn ^ (1 << order)
+            if not (p.flags[buddy] & PG_BUDDY) or p.order[buddy] != order:
+                break
+            self._del(buddy)
+            pfn &= ~(1 << order)
+            order += 1
+        # Linux queues at the tail when the next-higher buddy is free too (buddy_merge_likely),
+        # so a block about to merge is less likely to be handed out again.
+        tail = False
+        if order < MAX_ORDER - 1:
+            higher = (pfn ^ (1 << order)) & ~((1 << (order + 1)) - 1)
+            hb = higher ^ (1 << (order + 1))
+            tail = bool(p.flags[hb] & PG_BUDDY) and int(p.order[hb]) == order + 1
+        self._add(pfn, order, mt, tail=tail)
+        self.free_pages += size
+
+    def free_block(self, pfn: int, order: int) -> None:
+        self._free_one(pfn, order)
+
+    def free_pfns(self, pfns: I64) -> None:
+        """Free a set of allocated (or isolated target) frames, merging runs into large blocks."""
+        if len(pfns) == 0:
+            return
+        p = self.pool
+        pfns = np.unique(pfns)
+        p.flags[pfns] = 0
+        p.pin[pfns] = 0
+        p.owner[pfns] = OWNER_NONE
+        p.index[pfns] = NIL
+        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+        starts = pfns[np.concatenate(([0], breaks))]
+        ends = pfns[np.concatenate((breaks - 1, [len(pfns) - 1]))] + 1
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            while s < e:
+                o = _largest_aligned_order(s, e - s)
+                self._free_one(s, o)
+                s += 1 << o
+
+    # -- migration targets ------------------------------------------------------------------
+    def isolate_free(self, pfns: I64) -> None:
+        """Take specific free frames out of the buddy lists (isolate_freepages_block).
+
+        Every frame must be free. The blocks containing them are split; frames not asked for
+        go back to the lists. Taken frames are marked PG_TARGET until used or released.
+        """
+        p = self.pool
+        if len(pfns) == 0:
+            return
+        if not np.all(p.flags[pfns] & PG_FREE) or np.any(p.flags[pfns] & PG_TARGET):
+            raise ValueError("isolate_free: a frame is not free")
+        heads = np.full(len(pfns), NIL, dtype=np.int64)
+        for o in range(NR_ORDERS):
+            cand = pfns & ~np.int64((1 << o) - 1)
+            hit = (heads == NIL) & ((p.flags[cand] & PG_BUDDY) != 0) & (p.order[cand] == o)
+            heads[hit] = cand[hit]
+        for h in np.unique(heads).tolist():
+            order, _mt = self._del(h)
+            n = 1 << order
+            self.free_pages -= n
+            block = np.arange(h, h + n, dtype=np.int64)
+            taken = np.isin(block, pfns, assume_unique=False)
+            p.flags[h : h + n] = 0
+            p.flags[block[taken]] = PG_TARGET
+            back = block[~taken]
+            if len(back):
+                self.free_pfns(back)
+
+    def release_targets(self, pfns: I64) -> None:
+        """Give unused migration targets back to the buddy."""
+        self.free_pfns(pfns)
+
+    # -- queries ----------------------------------------------------------------------------
+    def free_blocks_per_order(self) -> list[int]:
+        return [sum(self.nr_free[o]) for o in range(NR_ORDERS)]
+
+    def has_free_block(self, order: int) -> bool:
+        return any(self.nr_free[o][m] for o in range(order, NR_ORDERS) for m in range(3))
+
+    def count_free_units(self, order: int) -> int:
+        """Free blocks of at least ``order``, counted in order-sized units."""
+        return sum(sum(self.nr_free[o]) << (o - order) for o in range(order, NR_ORDERS))
+
+
+def _largest_aligned_order(pfn: int, length: int) -> int:
+    o = min(MAX_ORDER, length.bit_length() - 1)
+    if pfn:
+        o = min(o, (pfn & -pfn).bit_length() - 1)
+    return o

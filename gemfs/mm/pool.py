@@ -1,0 +1,121 @@
+"""The page pool: frames in one shared-memory file, per-frame metadata in numpy arrays.
+
+Per-frame metadata (12 bytes a frame, the kernel's ``struct page`` in miniature):
+
+========  ======  =========================================================
+array     dtype   meaning
+========  ======  =========================================================
+flags     uint8   PG_* bits below, plus a 2-bit migrate type
+order     uint8   order of a free block (valid on its head frame only)
+pin       uint16  pin count (a device holds the frame; the core must not move it)
+owner     int32   object id of an allocated page; prev link of a free head
+index     int32   page index in the owner; next link of a free head
+========  ======  =========================================================
+
+Like ``page->lru`` in Linux, a free block's head reuses ``owner``/``index`` as the links of its
+free list, so the buddy allocator's lists cost no memory beyond these arrays.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import numpy.typing as npt
+
+from gemfs.mm.types import (
+    MAX_BLOCK_PAGES,
+    PAGE_SIZE,
+    PAGEBLOCK_NR_PAGES,
+    PAGEBLOCK_ORDER,
+    MigrateType,
+    format_size,
+    parse_size,
+)
+
+PG_FREE = 0x01  # frame lies in a free buddy block
+PG_BUDDY = 0x02  # frame is the head of a free buddy block
+PG_ALLOC = 0x04  # frame is allocated
+PG_ISOLATED = 0x08  # allocated frame isolated for migration
+PG_MT_SHIFT = 4
+PG_MT_MASK = 0x30  # migrate type: of the free list (free head) or of the allocation
+PG_OBJECT = 0x40  # allocated frame backs a page of an object (file page)
+PG_TARGET = 0x80  # free frame taken out of the buddy lists as a migration target
+
+OWNER_NONE = -1
+OWNER_KERNEL = -2  # an allocation that belongs to no object (kernel noise, probes)
+
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
+def check_pool_size(size: int | str) -> int:
+    """Return the pool size in bytes, or raise ValueError with a clear reason."""
+    nbytes = parse_size(size)
+    unit = MAX_BLOCK_PAGES * PAGE_SIZE
+    if nbytes <= 0 or nbytes % unit:
+        raise ValueError(
+            f"pool size {format_size(nbytes)} must be a positive multiple of "
+            f"{format_size(unit)} (one order-10 block)"
+        )
+    return nbytes
+
+
+class PagePool:
+    """Frames plus metadata. Frames live in a memfd so other processes can map them."""
+
+    def __init__(self, size: int | str, *, name: str = "gemfs-pool") -> None:
+        self.size = check_pool_size(size)
+        self.nr_pages = self.size // PAGE_SIZE
+        self.nr_pageblocks = self.nr_pages // PAGEBLOCK_NR_PAGES
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._map: mmap.mmap | None = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.frames: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8).reshape(
+            self.nr_pages, PAGE_SIZE
+        )
+        n = self.nr_pages
+        self.flags = np.zeros(n, dtype=np.uint8)
+        self.order = np.zeros(n, dtype=np.uint8)
+        self.pin = np.zeros(n, dtype=np.uint16)
+        self.owner = np.full(n, OWNER_NONE, dtype=np.int32)
+        self.index = np.full(n, -1, dtype=np.int32)
+        # Every pageblock starts MOVABLE, as on a freshly booted zone.
+        self.pageblock_mt = np.full(self.nr_pageblocks, MigrateType.MOVABLE, dtype=np.uint8)
+
+    @property
+    def metadata_bytes(self) -> int:
+        arrays = (self.flags, self.order, self.pin, self.owner, self.index, self.pageblock_mt)
+        return sum(a.nbytes for a in arrays)
+
+    def pageblock_of(self, pfn: int) -> int:
+        return pfn >> PAGEBLOCK_ORDER
+
+    def get_pageblock_migratetype(self, pfn: int) -> MigrateType:
+        return MigrateType(int(self.pageblock_mt[pfn >> PAGEBLOCK_ORDER]))
+
+    def set_pageblock_migratetype(self, pfn: int, mt: MigrateType) -> None:
+        self.pageblock_mt[pfn >> PAGEBLOCK_ORDER] = mt
+
+    def close(self) -> None:
+        """Release the mapping and the memfd (idempotent)."""
+        if self._map is None:
+            return
+        del self.frames
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with it
+            pass
+        self._map = None
+        os.close(self.fd)
+
+
+def map_frames(fd: int, nr_pages: int) -> tuple[mmap.mmap, npt.NDArray[np.uint8]]:
+    """Map another process's pool memfd: the very same frames, by frame number."""
+    m = mmap.mmap(fd, nr_pages * PAGE_SIZE, mmap.MAP_SHARED)
+    return m, np.frombuffer(m, dtype=np.uint8).reshape(nr_pages, PAGE_SIZE)

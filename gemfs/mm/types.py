@@ -1,0 +1,116 @@
+"""Constants, typed ids and enums shared by the memory model (named after their kernel twins)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import NewType
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+MAX_ORDER = 10  # largest block: 2**10 pages = 4 MiB
+NR_ORDERS = MAX_ORDER + 1
+PAGEBLOCK_ORDER = 9
+PAGEBLOCK_NR_PAGES = 1 << PAGEBLOCK_ORDER
+MAX_BLOCK_PAGES = 1 << MAX_ORDER
+
+Pfn = NewType("Pfn", int)  # frame number in the pool
+ObjId = NewType("ObjId", int)  # GEM object id (>= 1)
+PageIndex = NewType("PageIndex", int)  # page index inside one object
+
+
+class MigrateType(enum.IntEnum):
+    """Pageblock and free-list migrate types (enum migratetype)."""
+
+    UNMOVABLE = 0
+    MOVABLE = 1
+    RECLAIMABLE = 2
+
+    @classmethod
+    def parse(cls, text: str) -> MigrateType:
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            names = ", ".join(m.name.lower() for m in cls)
+            raise ValueError(f"unknown migrate type {text!r} (expected one of {names})") from None
+
+    @property
+    def title(self) -> str:
+        return self.name.capitalize()
+
+
+NR_MIGRATETYPES = len(MigrateType)
+
+# Linux's fallback order (mm/page_alloc.c: fallbacks[]).
+FALLBACKS: dict[MigrateType, tuple[MigrateType, ...]] = {
+    MigrateType.UNMOVABLE: (MigrateType.RECLAIMABLE, MigrateType.MOVABLE),
+    MigrateType.MOVABLE: (MigrateType.RECLAIMABLE, MigrateType.UNMOVABLE),
+    MigrateType.RECLAIMABLE: (MigrateType.UNMOVABLE, MigrateType.MOVABLE),
+}
+
+
+class MigrateMode(enum.IntEnum):
+    """enum migrate_mode: how long migration may wait for an owner."""
+
+    ASYNC = 0
+    SYNC_LIGHT = 1
+    SYNC = 2
+
+    @classmethod
+    def parse(cls, text: str) -> MigrateMode:
+        try:
+            return cls[text.strip().upper().replace("-", "_")]
+        except KeyError:
+            raise ValueError(f"unknown migrate mode {text!r}") from None
+
+
+class Design(enum.StrEnum):
+    """The four designs gemfs compares."""
+
+    PINNED = "pinned"
+    SHMEM_HOOK = "shmem-hook"
+    GEMFS = "gemfs"
+    NOTIFIER = "notifier"
+
+    @classmethod
+    def parse(cls, text: str) -> Design:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            names = ", ".join(d.value for d in cls)
+            raise ValueError(f"unknown design {text!r} (expected one of {names})") from None
+
+    @property
+    def gem_migratetype(self) -> MigrateType:
+        """Where GEM pages are allocated: i915 today uses RECLAIMABLE; the proposals make them MOVABLE."""
+        return MigrateType.RECLAIMABLE if self is Design.PINNED else MigrateType.MOVABLE
+
+
+class OutOfMemory(Exception):
+    """The allocator could not satisfy a request (the model's ENOSPC)."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse sizes like ``1GiB``, ``512MiB``, ``64K``, ``4096`` into bytes (binary units)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must not be negative: {text}")
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"bad size {text!r} (expected a number with an optional unit, e.g. 1GiB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise ValueError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(nbytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift}{unit}"
+    return f"{nbytes}B"
