@@ -116,7 +116,7 @@ class MemoryManager:
 
     def destroy_object(self, obj: GemObject) -> None:
         """Free every frame of the object (pins are dropped: the owner is gone)."""
-        idx, pfns = obj.resident()
+        _idx, pfns = obj.resident()
         if len(pfns):
             self._release_frames(pfns)
         obj.pages = np.empty(0, dtype=np.int64)

@@ -17,7 +17,7 @@ from gemfs.mm.types import MigrateMode
 
 if TYPE_CHECKING:
     from gemfs.mm.objects import GemObject
-    from gemfs.mm.pool import Bools, I64
+    from gemfs.mm.pool import I64, Bools
 
 Results = npt.NDArray[np.int32]  # per page: 0, -EAGAIN, or another -errno
 
@@ -61,7 +61,7 @@ class Notifier(Protocol):
     """The notifier design: the core announces that a range will change under the owner."""
 
     def invalidate(self, core: MigrationCore, obj: GemObject, start: int, count: int) -> int:
-        """Stop using pages [start, start+count): wait idle, drop GTT entries, unpin. 0 or -errno."""
+        """Stop using [start, start+count): wait idle, drop GTT entries, unpin; 0 or -errno."""
         ...
 
 

@@ -82,7 +82,7 @@ class Design(enum.StrEnum):
 
     @property
     def gem_migratetype(self) -> MigrateType:
-        """Where GEM pages are allocated: i915 today uses RECLAIMABLE; the proposals make them MOVABLE."""
+        """GEM pages: RECLAIMABLE as i915 allocates them today; MOVABLE under the proposals."""
         return MigrateType.RECLAIMABLE if self is Design.PINNED else MigrateType.MOVABLE
 
 

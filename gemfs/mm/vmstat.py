@@ -123,7 +123,8 @@ def format_pagetypeinfo(free: Sequence[Sequence[int]], blocks: Sequence[int]) ->
         f"Page block order: {PAGEBLOCK_ORDER}",
         f"Pages per block:  {PAGEBLOCK_NR_PAGES}",
         "",
-        "Free pages count per migrate type at order " + "".join(f"{o:6d} " for o in range(NR_ORDERS)),
+        "Free pages count per migrate type at order "
+        + "".join(f"{o:6d} " for o in range(NR_ORDERS)),
     ]
     for mt in MigrateType:
         cols = "".join(f"{n:6d} " for n in free[mt])
@@ -169,7 +170,7 @@ def parse_pagetypeinfo(text: str) -> tuple[dict[str, list[int]], dict[str, int]]
     header: list[str] = []
     for line in text.splitlines():
         if ", type" in line:
-            left, right = line.split(", type", 1)
+            _left, right = line.split(", type", 1)
             parts = right.split()
             free[parts[0]] = free.get(parts[0], [0] * NR_ORDERS)
             for o, n in enumerate(int(x) for x in parts[1 : 1 + NR_ORDERS]):
@@ -178,8 +179,8 @@ def parse_pagetypeinfo(text: str) -> tuple[dict[str, list[int]], dict[str, int]]
             header = line[len("Number of blocks type") :].split()
         elif header and line.startswith("Node") and "zone" in line:
             nums = line.split()[4:]
-            for name, n in zip(header, nums, strict=False):
-                blocks[name] = blocks.get(name, 0) + int(n)
+            for name, count in zip(header, nums, strict=False):
+                blocks[name] = blocks.get(name, 0) + int(count)
     return free, blocks
 
 

@@ -1,0 +1,172 @@
+"""i915's part, free of I/O: GEM objects, a GTT per object, a simulated GPU, migrate decisions.
+
+The GPU reads and writes pool frames directly by frame number through each object's GTT
+(page index -> frame), exactly as DMA would. A stale GTT entry after a move shows up as a
+checksum mismatch: the driver keeps, per object, the checksum of what it last wrote.
+
+This module holds state and rules only. Waiting (for a batch to finish) and talking to the core
+(pin, unpin, move) belong to the wrappers: :mod:`driver.inproc` uses the model directly with a
+simulated clock; the daemon does the same over the control socket with trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from gemfs.mm.types import PAGE_SIZE, MigrateMode
+
+I64 = npt.NDArray[np.int64]
+Frames = npt.NDArray[np.uint8]
+
+EAGAIN = errno.EAGAIN
+# SYNC_LIGHT may wait for the GPU this long before giving up with -EAGAIN.
+SYNC_LIGHT_WAIT_S = 0.010
+
+
+@dataclass
+class DriverObject:
+    id: int  # the core's object id
+    nr_pages: int
+    gtt: I64  # page index -> frame; -1: not bound
+    checksum: int = 0  # crc32 of the content the driver knows the object holds
+    busy_until: float = 0.0  # clock time the last batch on this object completes
+    bound: bool = False  # pages pinned and GTT valid (except entries dropped by invalidate)
+    generation: int = 0  # GPU writes so far
+
+    def busy(self, now: float) -> bool:
+        return now < self.busy_until
+
+
+@dataclass
+class GpuStats:
+    batches: int = 0
+    pages_read: int = 0
+    pages_written: int = 0
+    data_errors: int = 0
+    refaults: int = 0  # binds after an invalidation dropped the GTT (notifier design)
+    stall_s: float = 0.0  # time spent waiting for the GPU on behalf of migration
+    migrate_calls: int = 0
+    migrate_pages: int = 0
+    migrate_eagain: int = 0
+    invalidations: int = 0
+
+
+def checksum_frames(frames: Frames, gtt: I64) -> int:
+    """crc32 of an object's content read through its GTT."""
+    return zlib.crc32(np.ascontiguousarray(frames[gtt]).data)
+
+
+def gpu_pattern(obj_id: int, generation: int, nr_pages: int) -> npt.NDArray[np.uint8]:
+    """Deterministic bytes a batch writes: every page differs, every generation differs."""
+    base = np.arange(nr_pages * PAGE_SIZE // 8, dtype=np.uint64)
+    salt = np.uint64((obj_id * 0x9E3779B97F4A7C15 + generation * 0xBF58476D1CE4E5B9) % 2**64)
+    return ((base * np.uint64(0x94D049BB133111EB)) ^ salt).view(np.uint8)
+
+
+@dataclass
+class GemDriver:
+    """Objects, GTTs and the GPU. ``frames`` is the pool, mapped (shared) by this process."""
+
+    frames: Frames
+    objects: dict[int, DriverObject] = field(default_factory=dict)
+    stats: GpuStats = field(default_factory=GpuStats)
+
+    def add_object(self, obj_id: int, nr_pages: int, content_checksum: int) -> DriverObject:
+        o = DriverObject(obj_id, nr_pages, np.full(nr_pages, -1, np.int64), content_checksum)
+        self.objects[obj_id] = o
+        return o
+
+    def remove_object(self, obj_id: int) -> DriverObject | None:
+        return self.objects.pop(obj_id, None)
+
+    # -- binding ----------------------------------------------------------------------------
+    def needs_bind(self, o: DriverObject) -> bool:
+        return not o.bound or bool(np.any(o.gtt < 0))
+
+    def bind(self, o: DriverObject, pfns: I64) -> None:
+        """The core pinned the pages; these are their frames (i915_gem_object_pin_pages)."""
+        if len(pfns) != o.nr_pages:
+            raise ValueError(f"object {o.id}: bound {len(pfns)} frames for {o.nr_pages} pages")
+        if o.bound:
+            self.stats.refaults += 1
+        o.gtt = np.asarray(pfns, dtype=np.int64).copy()
+        o.bound = True
+
+    def unbind(self, o: DriverObject) -> I64:
+        """Drop the GTT; return the frames whose pins the caller must release."""
+        held = o.gtt[o.gtt >= 0].copy()
+        o.gtt[:] = -1
+        o.bound = False
+        return held
+
+    # -- the GPU ----------------------------------------------------------------------------
+    def execute(self, objs: list[DriverObject], now: float, duration: float, write: bool) -> None:
+        """Run a batch: read every object through its GTT and check it; optionally write it."""
+        self.stats.batches += 1
+        for o in objs:
+            if self.needs_bind(o):
+                raise RuntimeError(f"object {o.id} executed without being bound")
+            if checksum_frames(self.frames, o.gtt) != o.checksum:
+                self.stats.data_errors += 1
+            self.stats.pages_read += o.nr_pages
+            if write:
+                o.generation += 1
+                data = gpu_pattern(o.id, o.generation, o.nr_pages).reshape(-1, PAGE_SIZE)
+                self.frames[o.gtt] = data
+                o.checksum = zlib.crc32(data.data)
+                self.stats.pages_written += o.nr_pages
+            o.busy_until = max(o.busy_until, now + duration)
+
+    def write_object(self, o: DriverObject, offset: int, data: bytes) -> None:
+        """A CPU write through the GTT (pwrite ioctl); the object must be bound."""
+        if self.needs_bind(o):
+            raise RuntimeError(f"object {o.id} written without being bound")
+        flat = self.frames[o.gtt].reshape(-1)
+        flat[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.frames[o.gtt] = flat.reshape(-1, PAGE_SIZE)
+        o.checksum = zlib.crc32(flat.data)
+
+    def read_object(self, o: DriverObject) -> bytes:
+        if self.needs_bind(o):
+            raise RuntimeError(f"object {o.id} read without being bound")
+        data = self.frames[o.gtt].tobytes()
+        if zlib.crc32(data) != o.checksum:
+            self.stats.data_errors += 1
+        return data
+
+    def verify(self, o: DriverObject) -> bool:
+        """Does the object (through the GTT) hold what the driver last wrote?"""
+        ok = checksum_frames(self.frames, o.gtt) == o.checksum
+        if not ok:
+            self.stats.data_errors += 1
+        return ok
+
+    # -- migrate callback decisions -----------------------------------------------------------
+    def migrate_wait(self, o: DriverObject, mode: MigrateMode, now: float) -> float | None:
+        """How long to wait before the pages may move: 0 now, None never (answer -EAGAIN)."""
+        if not o.busy(now):
+            return 0.0
+        left = o.busy_until - now
+        if mode == MigrateMode.ASYNC:
+            return None
+        if mode == MigrateMode.SYNC_LIGHT and left > SYNC_LIGHT_WAIT_S:
+            return None
+        return left
+
+    def migrate_commit(self, o: DriverObject, idx: I64, dst: I64) -> None:
+        """The core moved pages idx to frames dst: point the GTT at them."""
+        live = o.gtt[idx] >= 0
+        o.gtt[idx[live]] = dst[live]
+
+    def invalidate(self, o: DriverObject, start: int, count: int) -> I64:
+        """Notifier: stop using [start, start+count); return frames whose pins to release."""
+        seg = o.gtt[start : start + count]
+        held = seg[seg >= 0].copy()
+        seg[:] = -1
+        self.stats.invalidations += 1
+        return held
