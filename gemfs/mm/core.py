@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,7 @@ from gemfs.mm.pool import (
     PG_MT_SHIFT,
     PG_OBJECT,
     PG_TARGET,
+    Bools,
     PagePool,
 )
 from gemfs.mm.types import (
@@ -54,6 +55,7 @@ from gemfs.mm.vmstat import (
 
 EAGAIN = errno.EAGAIN
 EBUSY = errno.EBUSY
+_MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
 ContentListener = Callable[[GemObject, int, int], None]  # (object, first page, page count)
 
@@ -64,6 +66,27 @@ class ObjectError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.errno = code
+
+
+@dataclass(eq=False)
+class MigrationRequest:
+    """One object's share of a migration batch."""
+
+    obj: GemObject
+    sel: I64  # positions in the batch
+    idx: I64  # page indices in the object
+    src: I64
+    dst: I64
+
+
+@dataclass(eq=False)
+class MigrationBatch:
+    src: I64
+    dst: I64
+    mode: MigrateMode
+    results: Results
+    valid: Bools = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    requests: list[MigrationRequest] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +113,20 @@ class MemoryManager:
 
     def close(self) -> None:
         self.pool.close()
+
+    def prefault(self) -> None:
+        """Back every frame with memory now, as physical frames are.
+
+        A fresh memfd page costs a page fault on first touch (file I/O into new frames then
+        runs near 1 GB/s); a mount that serves I/O from the pool faults it all in at start.
+        """
+        m = self.pool._map
+        if m is None:
+            return
+        try:
+            m.madvise(_MADV_POPULATE_WRITE)
+        except OSError:  # kernel before 5.14: touch every frame instead
+            self.pool.frames[:, 0] = self.pool.frames[:, 0]
 
     # -- objects ----------------------------------------------------------------------------
     def create_object(
@@ -128,8 +165,11 @@ class MemoryManager:
         self.buddy.free_pfns(pfns)
         self.vmstat.inc("pgfree", len(pfns))
 
-    def populate(self, obj: GemObject, start: int, count: int) -> I64:
-        """Give pages [start, start+count) frames (zeroed) where they have none; return frames."""
+    def populate(self, obj: GemObject, start: int, count: int, *, zero: bool = True) -> I64:
+        """Give pages [start, start+count) frames (zeroed) where they have none; return frames.
+
+        ``zero=False`` skips clearing the new frames: for a caller that overwrites them whole.
+        """
         end = start + count
         if end > len(obj.pages):
             grown = np.full(end, -1, dtype=np.int64)
@@ -141,7 +181,8 @@ class MemoryManager:
             pfns = self.buddy.alloc_bulk(len(holes), obj.migratetype)
             self.vmstat.inc("pgalloc", len(pfns))
             p = self.pool
-            p.frames[pfns] = 0
+            if zero:
+                p.frames[pfns] = 0
             p.flags[pfns] |= PG_OBJECT
             p.owner[pfns] = obj.id
             p.index[pfns] = holes + start
@@ -170,21 +211,37 @@ class MemoryManager:
         obj.size = size
 
     def read(self, obj: GemObject, offset: int, length: int) -> bytes:
+        return self.read_view(obj, offset, length).tobytes()
+
+    def read_view(self, obj: GemObject, offset: int, length: int) -> npt.NDArray[np.uint8]:
+        """The bytes of read(), as a flat uint8 array, without copying when it can.
+
+        When the range lies in one run of consecutive resident frames the result is a view
+        into the pool (valid until the model next changes: consume it at once); otherwise the
+        frames are gathered into a new array, holes reading as zeros.
+        """
         if offset >= obj.size or length <= 0:
-            return b""
+            return np.empty(0, dtype=np.uint8)
         end = min(obj.size, offset + length)
         first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
-        pt = obj.pages[first : last + 1]
-        if len(pt) < last - first + 1:
-            pt = np.concatenate((pt, np.full(last - first + 1 - len(pt), -1, dtype=np.int64)))
-        if np.all(pt >= 0):
-            buf = self.pool.frames[pt]
-        else:
-            buf = np.zeros((len(pt), PAGE_SIZE), dtype=np.uint8)
-            have = pt >= 0
-            buf[have] = self.pool.frames[pt[have]]
         lo = offset - first * PAGE_SIZE
-        return buf.reshape(-1)[lo : lo + (end - offset)].tobytes()
+        n = end - offset
+        count = last - first + 1
+        pt = obj.pages[first : last + 1]
+        frames = self.pool.frames
+        if len(pt) < count:  # past the page table (grown by truncate): holes
+            pt = np.concatenate((pt, np.full(count - len(pt), -1, dtype=np.int64)))
+        elif pt[0] >= 0 and pt[-1] - pt[0] == count - 1:
+            head = int(pt[0])
+            if count == 1 or bool(np.all(np.diff(pt) == 1)):
+                return frames[head : head + count].reshape(-1)[lo : lo + n]
+        if pt.min() >= 0:
+            buf = frames[pt]
+        else:
+            buf = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
+            have = pt >= 0
+            buf[have] = frames[pt[have]]
+        return buf.reshape(-1)[lo : lo + n]
 
     def write(self, obj: GemObject, offset: int, data: bytes | memoryview) -> int:
         """Write bytes, growing the file; ENOSPC (OutOfMemory) leaves the object unchanged."""
@@ -193,25 +250,36 @@ class MemoryManager:
             return 0
         end = offset + n
         first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
+        lo = offset - first * PAGE_SIZE
         old_len = len(obj.pages)
+        # Only the first and the last page can be partly written: a new frame there must be
+        # cleared; frames the write covers whole need no zeroing first.
+        partial = ([first] if lo else []) + ([last] if end % PAGE_SIZE else [])
+        fresh = {i for i in partial if i >= old_len or obj.pages[i] < 0}
         try:
-            pt = self.populate(obj, first, last - first + 1)
+            pt = self.populate(obj, first, last - first + 1, zero=False)
         except OutOfMemory:
             if len(obj.pages) > old_len:
                 obj.pages = obj.pages[:old_len].copy()
             raise
         frames = self.pool.frames
+        for i in fresh:
+            frames[pt[i - first]] = 0
         src = np.frombuffer(data, dtype=np.uint8)
-        lo = offset - first * PAGE_SIZE
         if lo == 0 and n % PAGE_SIZE == 0:
             frames[pt] = src.reshape(-1, PAGE_SIZE)
         else:
-            pos = 0
-            for i, pfn in enumerate(pt.tolist()):
-                a = lo if i == 0 else 0
-                b = min(PAGE_SIZE, a + (n - pos))
-                frames[pfn, a:b] = src[pos : pos + (b - a)]
-                pos += b - a
+            # Whole pages in one vectorized step; the partial head and tail page by slice.
+            head = min(n, PAGE_SIZE - lo) if lo else 0
+            if head:
+                frames[pt[0], lo : lo + head] = src[:head]
+            mid = (n - head) // PAGE_SIZE
+            if mid:
+                body = src[head : head + mid * PAGE_SIZE].reshape(mid, PAGE_SIZE)
+                frames[pt[1 if head else 0 :][:mid]] = body
+            rest = n - head - mid * PAGE_SIZE
+            if rest:
+                frames[pt[-1], :rest] = src[n - rest :]
         if end > obj.size:
             obj.size = end
         return n
@@ -298,46 +366,68 @@ class MemoryManager:
         busy, retry later), -EBUSY (frame no longer suitable), other -errno (permanent).
         Nothing is ever lost: a page that does not move keeps its frame and content.
         """
+        batch = self.migrate_begin(src, dst, mode)
+        for req in batch.requests:
+            self.migrate_finish_request(batch, req, self._migrate_object(req, mode))
+        return self.migrate_end(batch)
+
+    def migrate_begin(self, src: I64, dst: I64, mode: MigrateMode) -> MigrationBatch:
+        """Validate a batch, isolate its targets and split it by owner object.
+
+        The caller runs each request (through the owner's ops, in process or over a socket),
+        reports it with :meth:`migrate_finish_request`, then calls :meth:`migrate_end`.
+        """
         p = self.pool
         src = np.asarray(src, dtype=np.int64)
         dst = np.asarray(dst, dtype=np.int64)
-        if src.shape != dst.shape:
-            raise ValueError("src and dst differ in length")
+        if src.shape != dst.shape or src.ndim != 1:
+            raise ValueError("src and dst must be 1-d and of the same length")
         n = len(src)
         res = np.full(n, -EBUSY, dtype=np.int32)
+        batch = MigrationBatch(src, dst, mode, res)
         if n == 0:
-            return MigrateOutcome(res, 0, 0, 0)
+            return batch
         inrange = (src >= 0) & (src < p.nr_pages) & (dst >= 0) & (dst < p.nr_pages)
         s_c, d_c = np.clip(src, 0, p.nr_pages - 1), np.clip(dst, 0, p.nr_pages - 1)
         want = PG_ALLOC | PG_OBJECT
         valid = inrange & ((p.flags[s_c] & (want | PG_ISOLATED)) == want)
         valid &= (p.flags[d_c] & (PG_FREE | PG_TARGET)) == PG_FREE
-        # Each frame at most once on either side.
         valid &= _first_occurrence(s_c) & _first_occurrence(d_c)
-        taken = dst[valid]
-        self.buddy.isolate_free(taken)
-        self.vmstat.inc("compact_isolated", len(taken))
-        freed: list[I64] = []
-        owners = p.owner[src[valid]]
+        self.buddy.isolate_free(dst[valid])
+        self.vmstat.inc("compact_isolated", int(np.count_nonzero(valid)))
+        batch.valid = valid
+        positions = np.flatnonzero(valid)
+        owners = p.owner[src[positions]]
         for oid in np.unique(owners).tolist():
-            sel = np.flatnonzero(valid)[owners == oid]
+            sel = positions[owners == oid]
             obj = self.objects[ObjId(oid)]
-            ssel, dsel = src[sel], dst[sel]
+            ssel = src[sel]
             idx = p.index[ssel].astype(np.int64)
-            res[sel] = self._migrate_object(obj, idx, ssel, dsel, mode)
-            moved = res[sel] == 0
-            freed.append(ssel[moved])
-        unused = dst[valid & (res != 0)]
+            batch.requests.append(MigrationRequest(obj, sel, idx, ssel, dst[sel]))
+        return batch
+
+    def migrate_finish_request(
+        self, batch: MigrationBatch, req: MigrationRequest, results: Results
+    ) -> None:
+        batch.results[req.sel] = results
+
+    def migrate_end(self, batch: MigrationBatch) -> MigrateOutcome:
+        """Free the old frames of moved pages, release unused targets, count."""
+        p = self.pool
+        res, src, dst, valid = batch.results, batch.src, batch.dst, batch.valid
+        n = len(src)
+        if n == 0:
+            return MigrateOutcome(res, 0, 0, 0)
+        moved = valid & (res == 0)
+        unused = dst[valid & ~moved]
         if len(unused):
             self.buddy.release_targets(unused)
-        if freed:
-            old = np.concatenate(freed)
-            if len(old):
-                p.flags[old] = PG_ALLOC
-                self.buddy.free_pfns(old)
-        moved_dst = dst[res == 0]
-        p.flags[moved_dst] &= ~np.uint8(PG_ISOLATED)
-        success = int(np.count_nonzero(res == 0))
+        old = src[moved]
+        if len(old):
+            p.flags[old] = PG_ALLOC
+            self.buddy.free_pfns(old)
+        p.flags[dst[moved]] &= ~np.uint8(PG_ISOLATED)
+        success = int(np.count_nonzero(moved))
         eagain = int(np.count_nonzero(res == -EAGAIN))
         permanent = int(np.count_nonzero((res != 0) & (res != -EAGAIN) & (res != -EBUSY)))
         v = self.vmstat
@@ -347,27 +437,55 @@ class MemoryManager:
         v.inc("pgmigrate_permanent", permanent)
         return MigrateOutcome(res, success, eagain, permanent)
 
-    def _migrate_object(
-        self, obj: GemObject, idx: I64, src: I64, dst: I64, mode: MigrateMode
+    def isolate_request(self, req: MigrationRequest, ops: AddressSpaceOps) -> Bools:
+        """Ask the owner which pages may be taken off; mark them isolated."""
+        ok = np.asarray(ops.isolate(self, req.obj, req.idx), dtype=np.bool_)
+        self.pool.flags[req.src[ok]] |= PG_ISOLATED
+        return ok
+
+    def settle_request(
+        self, req: MigrationRequest, isolated: Bools, out: Results, ops: AddressSpaceOps | None
     ) -> Results:
+        """Check an owner's answers against the page table, put back what did not move."""
         p = self.pool
+        obj = req.obj
+        res = np.full(len(req.src), -EAGAIN, dtype=np.int32)
+        ii = np.flatnonzero(isolated)
+        alive = self.objects.get(obj.id) is obj
+        # An owner that says 0 must really have remapped through migrate_folio, and vice versa.
+        if alive and len(ii):
+            really = obj.pages[req.idx[ii]] == req.dst[ii]
+            out = np.where(really, 0, np.where(out == 0, -errno.EIO, out)).astype(np.int32)
+        elif len(ii):
+            out = np.full(len(ii), -EBUSY, dtype=np.int32)
+        res[ii] = out
+        failed = res != 0
+        back = isolated & failed
+        if np.any(back):
+            p.flags[req.src[back]] &= ~np.uint8(PG_ISOLATED)
+            if ops is not None and alive:
+                ops.putback(self, obj, req.idx[back])
+        return res
+
+    def _migrate_object(self, req: MigrationRequest, mode: MigrateMode) -> Results:
+        obj = req.obj
         ops = self.ops_for(obj)
-        res = np.full(len(src), -EAGAIN, dtype=np.int32)
         if obj.notifier is not None:
-            lo, hi = int(idx.min()), int(idx.max()) + 1
+            lo, hi = int(req.idx.min()), int(req.idx.max()) + 1
             t0 = time.perf_counter()
             rc = obj.notifier.invalidate(self, obj, lo, hi - lo)
             self.vmstat.inc("gem_invalidate_callbacks")
             self._record_latency(t0)
             if rc != 0:
-                return np.full(len(src), rc if rc < 0 else -rc, dtype=np.int32)
-        isolated = np.asarray(ops.isolate(self, obj, idx), dtype=np.bool_)
-        p.flags[src[isolated]] |= PG_ISOLATED
+                return np.full(len(req.src), -abs(rc), dtype=np.int32)
+        isolated = self.isolate_request(req, ops)
         ii = np.flatnonzero(isolated)
         callback = ops is not SHMEM_OPS
         try:
             t0 = time.perf_counter()
-            out = np.asarray(ops.migrate(self, obj, idx[ii], src[ii], dst[ii], mode), np.int32)
+            out = np.asarray(
+                ops.migrate(self, obj, req.idx[ii], req.src[ii], req.dst[ii], mode), np.int32
+            )
             if callback:
                 self.vmstat.inc("gem_migrate_callbacks")
                 self.vmstat.inc("gem_migrate_callback_pages", len(ii))
@@ -377,23 +495,10 @@ class MemoryManager:
         except Exception:
             out = np.full(len(ii), -errno.EIO, dtype=np.int32)
             self.vmstat.inc("pgmigrate_aborted", len(ii))
-            # Undo any half-done moves: a page remapped to dst keeps dst (content is there).
-            moved = obj.pages[idx[ii]] == dst[ii]
-            out[moved] = 0
-        # An owner that says 0 must really have remapped through migrate_folio.
-        claimed = out == 0
-        really = obj.pages[idx[ii]] == dst[ii]
-        out[claimed & ~really] = -errno.EIO
-        out[~claimed & really] = 0
-        res[ii] = out
-        failed = res != 0
+        res = self.settle_request(req, isolated, out, ops)
         if callback:
             self.vmstat.inc("gem_migrate_callback_eagain", int(np.count_nonzero(res == -EAGAIN)))
             self.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(res == -EBUSY)))
-        back = idx[isolated & failed]
-        if len(back):
-            p.flags[src[isolated & failed]] &= ~np.uint8(PG_ISOLATED)
-            ops.putback(self, obj, back)
         return res
 
     def _record_latency(self, t0: float) -> None:
