@@ -3,6 +3,8 @@
 import click
 
 from gemfs.cmd_bench import bench
+from gemfs.cmd_mount import mount, umount
+from gemfs.cmd_stack import compactor_cmd, driver_cmd, gem
 
 
 @click.group()
@@ -11,3 +13,8 @@ def main() -> None:
 
 
 main.add_command(bench)
+main.add_command(mount)
+main.add_command(umount)
+main.add_command(driver_cmd)
+main.add_command(compactor_cmd)
+main.add_command(gem)

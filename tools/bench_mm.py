@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from driver.gem import DriverObject
 from driver.inproc import InprocDriver
 from gemfs.mm import PAGE_SIZE, Design, MemoryManager, MigrateMode, MigrateType
 from gemfs.mm.types import format_size, parse_size
@@ -27,7 +28,7 @@ def _rate(n: int, seconds: float) -> float:
 def fragment_like_compaction_test(mm: MemoryManager, drv: InprocDriver) -> int:
     """80% of the pool in GPU-bound 1 MiB objects, the rest page cache, every other chunk freed."""
     chunk = 1 << 20
-    chunks = []
+    chunks: list[DriverObject] = []
     target = int(mm.pool.nr_pages * 0.8) * PAGE_SIZE
     while len(chunks) * chunk + chunk <= target:
         o = drv.create(chunk)

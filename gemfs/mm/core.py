@@ -368,7 +368,7 @@ class MemoryManager:
         """
         batch = self.migrate_begin(src, dst, mode)
         for req in batch.requests:
-            self.migrate_finish_request(batch, req, self._migrate_object(req, mode))
+            self.migrate_finish_request(batch, req, self.migrate_request_local(req, mode))
         return self.migrate_end(batch)
 
     def migrate_begin(self, src: I64, dst: I64, mode: MigrateMode) -> MigrationBatch:
@@ -467,7 +467,8 @@ class MemoryManager:
                 ops.putback(self, obj, req.idx[back])
         return res
 
-    def _migrate_object(self, req: MigrationRequest, mode: MigrateMode) -> Results:
+    def migrate_request_local(self, req: MigrationRequest, mode: MigrateMode) -> Results:
+        """Run one object's share of a batch through in-process ops."""
         obj = req.obj
         ops = self.ops_for(obj)
         if obj.notifier is not None:

@@ -1,0 +1,311 @@
+"""`gemfs driver`: i915 as its own process, talking to the core over the control socket.
+
+It maps the pool's memfd (received with the handshake) so its simulated GPU reads and writes the
+very frames the mount serves, pins objects through the core while they are bound, and answers
+the core's migrate / invalidate callbacks. Clients (Mesa's part) talk to it on ``--listen``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import socket
+import zlib
+from typing import Any
+
+import numpy as np
+import trio
+
+from driver.gem import DriverObject, GemDriver
+from gemfs.control.peer import CallError, Peer, connect, server_handshake
+from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
+from gemfs.mm.pool import map_frames
+from gemfs.mm.types import PAGE_SIZE, Design, MigrateMode
+
+log = logging.getLogger("gemfs.driver")
+
+
+def _err(code: int, message: str) -> CallError:
+    return CallError(errno_name(code), message)
+
+
+def _arr(v: object) -> np.ndarray:
+    if isinstance(v, bytes) and len(v) % 8 == 0:
+        return np.frombuffer(v, dtype="<i8").astype(np.int64)
+    if isinstance(v, list):
+        return np.asarray(v, dtype=np.int64)
+    raise _err(errno.EINVAL, "int64 array expected")
+
+
+class DriverDaemon:
+    def __init__(self, control: str, listen: str | None, name: str = "i915") -> None:
+        self.control = control
+        self.listen = listen
+        self.name = name
+        self.core: Peer | None = None
+        self.gem: GemDriver | None = None
+        self.design = Design.PINNED
+        self._map: mmap.mmap | None = None
+        self.migrating: dict[int, trio.Event] = {}
+        self._counter = 0
+
+    # -- start -------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        core = await connect(
+            self.control,
+            "driver",
+            self.name,
+            on_call=self._on_core_call,
+            on_notify=self._on_core_notify,
+        )
+        self.core = core
+        if not core.fds:
+            raise RuntimeError("the core did not pass the pool memfd")
+        self.design = Design.parse(str(core.info["design"]))
+        self._map, frames = map_frames(core.fds[0], int(core.info["nr_pages"]))
+        self.gem = GemDriver(frames)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_core, nursery)
+            if self.design is Design.GEMFS:
+                await core.call("claim_mount", {})
+            if self.listen:
+                await nursery.start(self._serve_clients)
+            task_status.started()
+
+    async def _serve_core(self, nursery: trio.Nursery) -> None:
+        assert self.core is not None
+        await self.core.serve()
+        log.warning("core connection closed: %s", self.core.close_reason)
+        nursery.cancel_scope.cancel()
+
+    async def _serve_clients(self, *, task_status: trio.TaskStatus[None]) -> None:
+        assert self.listen is not None
+        import os
+
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(self.listen):  # noqa: ASYNC240 - a stale socket, once at start
+            os.unlink(self.listen)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(self.listen)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    conn, _ = await sock.accept()
+                    nursery.start_soon(self._client, conn)
+        finally:
+            sock.close()
+
+    async def _client(self, sock: trio.socket.SocketType) -> None:
+        def info(hello: Hello, creds: object) -> dict[str, Any] | Error:
+            return {"design": self.design.value, "driver": self.name}
+
+        try:
+            conn, _hello, creds = await server_handshake(sock, info, lambda h: [])
+        except (ProtocolError, CallError, trio.TooSlowError, OSError):
+            sock.close()
+            return
+        peer = Peer(trio.SocketStream(sock), conn, on_call=self._on_client_call, creds=creds)
+        await peer.serve()
+
+    # -- client ioctls -------------------------------------------------------------------------
+    def _obj(self, args: dict[str, Any]) -> DriverObject:
+        assert self.gem is not None
+        oid = args.get("obj")
+        o = self.gem.objects.get(oid) if isinstance(oid, int) else None
+        if o is None:
+            raise _err(errno.ENOENT, f"no GEM object {oid!r}")
+        return o
+
+    async def _bind(self, o: DriverObject) -> None:
+        assert self.core is not None
+        assert self.gem is not None
+        ev = self.migrating.get(o.id)
+        while ev is not None:
+            await ev.wait()
+            ev = self.migrating.get(o.id)
+        if self.gem.needs_bind(o):
+            for _ in range(100):
+                try:
+                    r = await self.core.call("pin", {"obj": o.id, "start": 0, "count": o.nr_pages})
+                    break
+                except CallError as e:
+                    if e.errno != "EAGAIN":
+                        raise
+                    await trio.sleep(0.005)
+            else:
+                raise _err(errno.EAGAIN, f"object {o.id} stays busy migrating")
+            frames = np.frombuffer(r["frames"], dtype="<i8").astype(np.int64)
+            self.gem.bind(o, frames)
+
+    async def _changed(self, o: DriverObject) -> None:
+        """The GPU wrote the object: the core drops the file's page cache for it."""
+        assert self.core is not None
+        await self.core.call("content_changed", {"obj": o.id, "start": 0, "count": o.nr_pages})
+
+    async def _register(self, obj_id: int) -> None:
+        assert self.core is not None
+        if self.design is Design.SHMEM_HOOK:
+            await self.core.call("register_ops", {"obj": obj_id})
+        elif self.design is Design.NOTIFIER:
+            await self.core.call("register_notifier", {"obj": obj_id})
+
+    async def _on_client_call(self, peer: Peer, call: Call) -> Any:
+        assert self.core is not None
+        assert self.gem is not None
+        gem, core, a = self.gem, self.core, call.args
+        match call.op:
+            case "create":
+                size = a.get("size")
+                if not isinstance(size, int) or size <= 0:
+                    raise _err(errno.EINVAL, "size must be a positive integer")
+                self._counter += 1
+                path = (
+                    a.get("path")
+                    or f"gem-{self.name}-{peer.creds.pid if peer.creds else 0}-{self._counter}"
+                )
+                r = await core.call("create", {"path": path, "size": size})
+                n = int(r["pages"])
+                o = gem.add_object(int(r["obj"]), n, zlib.crc32(bytes(n * PAGE_SIZE)))
+                await self._register(o.id)
+                return {"obj": o.id, "path": r["path"], "pages": n}
+            case "open":
+                r = await core.call("open", {"path": a.get("path")})
+                o = gem.add_object(int(r["obj"]), int(r["pages"]), 0)
+                await self._register(o.id)
+                await self._bind(o)
+                o.checksum = zlib.crc32(gem.frames[o.gtt].tobytes())
+                return {"obj": o.id, "pages": o.nr_pages}
+            case "exec":
+                ids = a.get("objs")
+                if not isinstance(ids, list) or not ids:
+                    raise _err(errno.EINVAL, "objs must be a non-empty list")
+                objs = [self._obj({"obj": i}) for i in ids]
+                ms = a.get("duration_ms", 0)
+                if not isinstance(ms, int | float) or ms < 0:
+                    raise _err(errno.EINVAL, "duration_ms must be >= 0")
+                write = bool(a.get("write", False))
+                for o in objs:
+                    await self._bind(o)
+                gem.execute(objs, trio.current_time(), ms / 1000, write)
+                if write:
+                    for o in objs:
+                        await core.call(
+                            "content_changed", {"obj": o.id, "start": 0, "count": o.nr_pages}
+                        )
+                return {"data_errors": gem.stats.data_errors}
+            case "wait":
+                o = self._obj(a)
+                await trio.sleep_until(o.busy_until)
+                return 0
+            case "write":
+                o = self._obj(a)
+                data, off = a.get("data"), a.get("offset", 0)
+                if not isinstance(data, bytes) or not isinstance(off, int) or off < 0:
+                    raise _err(errno.EINVAL, "data (bytes) and offset (int) expected")
+                if off + len(data) > o.nr_pages * PAGE_SIZE:
+                    raise _err(errno.EFBIG, "write past the end of the object")
+                await self._bind(o)
+                await trio.sleep_until(o.busy_until)
+                gem.write_object(o, off, data)
+                await self._changed(o)
+                return len(data)
+            case "read":
+                o = self._obj(a)
+                await self._bind(o)
+                await trio.sleep_until(o.busy_until)
+                return gem.read_object(o)
+            case "verify":
+                bad = 0
+                for o in list(gem.objects.values()):
+                    await self._bind(o)
+                    bad += 0 if gem.verify(o) else 1
+                return {"bad_objects": bad, "data_errors": gem.stats.data_errors}
+            case "close":
+                o = self._obj(a)
+                await trio.sleep_until(o.busy_until)
+                gem.remove_object(o.id)
+                await core.call("close", {"obj": o.id, "unlink": bool(a.get("unlink", True))})
+                return 0
+            case "stats":
+                s = gem.stats
+                return {
+                    "design": self.design.value,
+                    "objects": len(gem.objects),
+                    "batches": s.batches,
+                    "data_errors": s.data_errors,
+                    "stall_ms": s.stall_s * 1000,
+                    "migrate_calls": s.migrate_calls,
+                    "migrate_pages": s.migrate_pages,
+                    "migrate_eagain": s.migrate_eagain,
+                    "invalidations": s.invalidations,
+                    "refaults": s.refaults,
+                }
+            case _:
+                raise _err(errno.EOPNOTSUPP, f"unknown op {call.op!r}")
+
+    # -- core callbacks ------------------------------------------------------------------------
+    async def _wait_idle(self, o: DriverObject, mode: MigrateMode) -> bool:
+        assert self.gem is not None
+        now = trio.current_time()
+        wait = self.gem.migrate_wait(o, mode, now)
+        if wait is None:
+            return False
+        if wait > 0:
+            self.gem.stats.stall_s += wait
+            await trio.sleep(wait)
+        return True
+
+    async def _on_core_call(self, peer: Peer, call: Call) -> Any:
+        assert self.gem is not None
+        a = call.args
+        match call.op:
+            case "migrate":
+                idx = _arr(a.get("idx"))
+                o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
+                if o is None:  # a file we do not use (gemfs design): move it freely
+                    return {"results": [0] * len(idx)}
+                st = self.gem.stats
+                st.migrate_calls += 1
+                st.migrate_pages += len(idx)
+                mode = MigrateMode.parse(str(a.get("mode", "sync")))
+                self.migrating[o.id] = trio.Event()  # no new batches on it until "migrated"
+                if not await self._wait_idle(o, mode):
+                    st.migrate_eagain += len(idx)
+                    self.migrating.pop(o.id).set()
+                    return {"results": [-errno.EAGAIN] * len(idx)}
+                return {"results": [0] * len(idx)}
+            case "invalidate":
+                o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
+                if o is None:
+                    return 0
+                await self._wait_idle(o, MigrateMode.SYNC)
+                start, count = int(a.get("start", 0)), int(a.get("count", 0))
+                self.gem.invalidate(o, start, count)
+                return 0
+            case _:
+                raise _err(errno.EOPNOTSUPP, f"unknown callback {call.op!r}")
+
+    async def _on_core_notify(self, peer: Peer, note: Notify) -> None:
+        if note.op != "migrated" or self.gem is None:
+            return
+        a = note.args
+        o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
+        if o is not None:
+            idx, dst = _arr(a.get("idx")), _arr(a.get("dst"))
+            ok = np.asarray(a.get("ok", []), dtype=np.bool_)
+            if len(ok) == len(idx) == len(dst):
+                self.gem.migrate_commit(o, idx[ok], dst[ok])
+        ev = self.migrating.pop(int(a.get("obj", 0)), None)
+        if ev is not None:
+            ev.set()
+
+
+async def run_driver(control: str, listen: str | None, name: str = "i915") -> None:
+    d = DriverDaemon(control, listen, name)
+    await d.run()

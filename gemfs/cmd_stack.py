@@ -1,0 +1,191 @@
+"""CLI: `gemfs driver`, `gemfs compactor`, `gemfs gem ...` — the processes around the mount."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from gemfs.control.peer import CallError
+from gemfs.mm.types import parse_size
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _check_socket(path: str) -> None:
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path}: no such control socket", param_hint="--control")
+
+
+@click.command("driver")
+@click.option("--control", required=True, help="The mount's control socket.")
+@click.option("--listen", default=None, help="Socket for clients (gemfs gem ...).")
+@click.option("--name", default="i915", show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+def driver_cmd(control: str, listen: str | None, name: str, verbose: bool) -> None:
+    """Run the driver daemon (i915's part): GEM objects, a simulated GPU, migrate callbacks."""
+    import trio
+
+    from driver.daemon import run_driver
+
+    _check_socket(control)
+    _logging(verbose)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+            await run_driver(control, listen, name)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except* CallError as eg:
+        raise click.ClickException(f"driver: {eg.exceptions[0]}") from None
+    except* OSError as eg:
+        raise click.ClickException(f"driver: {eg.exceptions[0]}") from None
+
+
+async def _cancel_on_signal(scope: Any) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+@click.command("compactor")
+@click.option("--control", required=True, help="The mount's control socket.")
+@click.option("--order", default=9, show_default=True, type=click.IntRange(0, 10))
+@click.option("--proactiveness", default=20, show_default=True, type=click.IntRange(0, 100))
+@click.option("--once", is_flag=True, help="Compact the whole pool once and exit.")
+@click.option("--interval-ms", default=500, show_default=True, type=click.IntRange(10, 60000))
+@click.option("-v", "--verbose", is_flag=True)
+def compactor_cmd(
+    control: str, order: int, proactiveness: int, once: bool, interval_ms: int, verbose: bool
+) -> None:
+    """Run kcompactd's part from outside: proactive compaction, or one full pass (--once)."""
+    import trio
+
+    from tools.compactor import CompactorStats, run_compactor
+
+    _check_socket(control)
+    _logging(verbose)
+    result: list[CompactorStats] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+            result.append(
+                await run_compactor(
+                    control,
+                    order=order,
+                    proactiveness=proactiveness,
+                    once=once,
+                    interval=interval_ms / 1000,
+                )
+            )
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except* CallError as eg:
+        raise click.ClickException(f"compactor: {eg.exceptions[0]}") from None
+    except* OSError as eg:
+        raise click.ClickException(f"compactor: {eg.exceptions[0]}") from None
+    if result:
+        s = result[0]
+        click.echo(
+            f"compactor: passes {s.passes} migrated {s.migrated} failed {s.failed} "
+            f"wakeups {s.wakeups} deferred {s.deferred} results {','.join(s.results)}"
+        )
+
+
+# -- gem: the ioctls of a tiny i915 ------------------------------------------------------------
+@click.group("gem")
+@click.option(
+    "--driver",
+    "driver_sock",
+    required=True,
+    envvar="GEMFS_DRIVER",
+    help="The driver's --listen socket (or $GEMFS_DRIVER).",
+)
+@click.pass_context
+def gem(ctx: click.Context, driver_sock: str) -> None:
+    """Talk to the driver daemon: create objects, execute batches, wait, close."""
+    ctx.obj = driver_sock
+
+
+def _call(ctx: click.Context, op: str, args: dict[str, Any]) -> Any:
+    from gemfs.control.client import SyncClient
+
+    try:
+        with SyncClient(ctx.obj, name="gemfs-gem") as c:
+            return c.call(op, args)
+    except CallError as e:
+        raise click.ClickException(f"gem {op}: {e}") from None
+    except OSError as e:
+        raise click.ClickException(f"gem {op}: {e}") from None
+
+
+@gem.command("create")
+@click.argument("size")
+@click.option("--path", default=None, help="File name on the mount (default: generated).")
+@click.pass_context
+def gem_create(ctx: click.Context, size: str, path: str | None) -> None:
+    """Create a GEM object of SIZE (e.g. 1MiB); prints its id and path."""
+    try:
+        nbytes = parse_size(size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="SIZE") from None
+    args: dict[str, Any] = {"size": nbytes}
+    if path:
+        args["path"] = path
+    r = _call(ctx, "create", args)
+    click.echo(json.dumps(r))
+
+
+@gem.command("exec")
+@click.argument("objs", nargs=-1, type=int, required=True)
+@click.option("--duration-ms", default=10.0, show_default=True, type=click.FloatRange(0))
+@click.option("--write", is_flag=True, help="The batch writes the objects.")
+@click.pass_context
+def gem_exec(ctx: click.Context, objs: tuple[int, ...], duration_ms: float, write: bool) -> None:
+    """Execute a batch on OBJS: bind (pin), read through the GTT, optionally write."""
+    r = _call(ctx, "exec", {"objs": list(objs), "duration_ms": duration_ms, "write": write})
+    click.echo(json.dumps(r))
+
+
+@gem.command("wait")
+@click.argument("obj", type=int)
+@click.pass_context
+def gem_wait(ctx: click.Context, obj: int) -> None:
+    """Wait until the GPU is idle on OBJ."""
+    _call(ctx, "wait", {"obj": obj})
+
+
+@gem.command("close")
+@click.argument("obj", type=int)
+@click.option("--keep-file", is_flag=True, help="Keep the file on the mount.")
+@click.pass_context
+def gem_close(ctx: click.Context, obj: int, keep_file: bool) -> None:
+    """Close OBJ (its file is removed unless --keep-file)."""
+    _call(ctx, "close", {"obj": obj, "unlink": not keep_file})
+
+
+@gem.command("stats")
+@click.pass_context
+def gem_stats(ctx: click.Context) -> None:
+    """Print the driver's counters (batches, data errors, stalls, callbacks)."""
+    click.echo(json.dumps(_call(ctx, "stats", {}), indent=1))
