@@ -28,3 +28,39 @@ def bench_mm_cmd(size: str, big: str) -> None:
         if f.unit == "bytes/frame":
             value = f"{f.value:.1f}"
         click.echo(f"{f.name:<42} {value:>14} {f.unit:<12} {f.note}")
+
+
+@bench.command("io")
+@click.option("--size", default="256MiB", show_default=True, help="File size.")
+@click.option("--pool", default="512MiB", show_default=True, help="gemfs pool size.")
+@click.option("--rounds", default=3, show_default=True, help="Runs per figure (median).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench_io_cmd(size: str, pool: str, rounds: int, as_json: bool) -> None:
+    """Sequential 1 MiB and random 4 KiB file I/O on gemfs against a kernel tmpfs."""
+    from tools.bench_io import BenchError, bench_io, format_table
+
+    try:
+        result = bench_io(size=size, pool=pool, rounds=rounds)
+    except BenchError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(result.to_json() if as_json else format_table(result))
+
+
+@bench.command("migrate")
+@click.option("--pages", default=16384, show_default=True, type=click.IntRange(256))
+@click.option("--batch", default=512, show_default=True, type=click.IntRange(2, 65536))
+def bench_migrate_cmd(pages: int, batch: int) -> None:
+    """Pages/s migrated through the driver's callbacks: one page per round trip vs batched."""
+    from tools.bench_migrate import bench_migrate
+
+    f = bench_migrate(pages=pages, batch=batch)
+    click.echo(f"{'one page per round trip':<42} {f.single_pages_s:>12,.0f} pages/s")
+    click.echo(f"{f'batched ({f.batch} pages a call)':<42} {f.batched_pages_s:>12,.0f} pages/s")
+    click.echo(f"{'ratio batched / one page':<42} {f.batched_pages_s / f.single_pages_s:>12.1f} x")
+    click.echo(f"{'callback round trip, one page, p50':<42} {f.single_p50_us:>12,.0f} us")
+    click.echo(f"{'callback round trip, batched, p50':<42} {f.p50_us:>12,.0f} us")
+    click.echo(f"{'callback round trip, batched, p99':<42} {f.p99_us:>12,.0f} us")
+    click.echo(
+        f"{'baseline: in-process, batched':<42} {f.inproc_pages_s:>12,.0f} pages/s"
+    )
+    click.echo(f"{'ratio socket / in-process':<42} {f.batched_pages_s / f.inproc_pages_s:>12.2f}")

@@ -307,8 +307,18 @@ class ControlServer:
             case "create" if role in ("driver", "client"):
                 path, size = _str(args, "path"), _int(args, "size", 0, mm.pool.size)
                 c = state.creds
+                mt: MigrateType | None = None
+                if "mt" in args:
+                    try:
+                        mt = MigrateType.parse(str(args["mt"]))
+                    except ValueError as e:
+                        raise _err(errno.EINVAL, str(e)) from None
                 try:
-                    obj = self.kernel.create_file(path, size, c.uid, c.gid, 0o644)
+                    obj = self.kernel.create_file(path, 0 if mt else size, c.uid, c.gid, 0o644)
+                    if mt is not None:  # e.g. a page-cache file that is not GEM memory
+                        obj.migratetype = mt
+                        mm.truncate(obj, size)
+                        mm.populate(obj, 0, obj.nr_pages)
                 except OutOfMemory as e:
                     raise _err(errno.ENOSPC, str(e)) from None
                 except OSError as e:

@@ -1,0 +1,356 @@
+"""The workload player's backend on the real stack: a FUSE mount, a driver daemon and a
+compactor, each its own process, talking over the control socket.
+
+Objects are created and executed through the driver's client socket (``gemfs gem`` does the
+same); page-cache files are written through the mount with ordinary system calls; kernel
+noise and high-order probes are core allocations made over the control socket; explicit
+compaction is one pass of the compactor process (``gemfs compactor --once``). Time is the wall
+clock, scaled by ``GEMFS_STACK_TIMESCALE`` (default 0.05) so a workload's minutes take seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gemfs.control.client import SyncClient
+from gemfs.control.peer import CallError
+from gemfs.mm import OutOfMemory
+from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
+from tools.backend import GpuSample, Handle, Sample
+from tools.workload import Workload
+
+STARTUP_S = 30.0
+
+
+class StackError(RuntimeError):
+    """The stack could not be brought up (one line for the user)."""
+
+
+def _gemfs() -> list[str]:
+    return [sys.executable, "-m", "gemfs"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while not path.exists():
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited with {proc.returncode}; log: {log}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} not ready after {STARTUP_S:.0f} s; log: {log}")
+        time.sleep(0.02)
+
+
+class Stack:
+    """mount + driver (+ proactive compactor) as separate processes; clients to both."""
+
+    def __init__(
+        self,
+        pool: str | int,
+        design: Design,
+        mount: str | None = None,
+        *,
+        proactiveness: int = 0,
+        order: int = 9,
+        interval_ms: int = 500,
+    ) -> None:
+        self.design = design
+        self.workdir = Path(tempfile.mkdtemp(prefix="gemfs-stack-"))
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._own_mount = mount is None
+        self._closed = False
+        try:
+            self._start(pool, mount, proactiveness, order, interval_ms)
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def _start(
+        self, pool: str | int, mount: str | None, proactiveness: int, order: int, interval_ms: int
+    ) -> None:
+        if mount is None:
+            self.mountpoint = self.workdir / "mnt"
+            self.mountpoint.mkdir()
+            self.control = self.workdir / "control.sock"
+            r = subprocess.run(
+                [
+                    *_gemfs(),
+                    "mount",
+                    str(self.mountpoint),
+                    "--pool",
+                    str(pool),
+                    "--design",
+                    self.design.value,
+                    "--control",
+                    str(self.control),
+                    "--log",
+                    str(self.workdir / "mount.log"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=STARTUP_S,
+            )
+            if r.returncode != 0:
+                raise StackError(f"gemfs mount failed: {(r.stderr or r.stdout).strip()}")
+        else:
+            self.mountpoint = Path(mount)
+            text = (self.mountpoint / ".gemfs" / "pool").read_text()
+            fields = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+            if "control" not in fields:
+                raise StackError(f"{mount} has no control socket (mount it with --control)")
+            self.control = Path(fields["control"])
+            if fields.get("design") != self.design.value:
+                raise StackError(f"{mount} runs design {fields.get('design')}, not {self.design}")
+        self.core = SyncClient(str(self.control), name="gemfs-run")
+        self.driver_sock = self.workdir / "driver.sock"
+        cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
+        drv = self._spawn("driver", [*_gemfs(), *cmd])
+        _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
+        self.drv = SyncClient(str(self.driver_sock), name="gemfs-run")
+        if proactiveness > 0:
+            self._spawn(
+                "compactor",
+                [
+                    *_gemfs(),
+                    "compactor",
+                    "--control",
+                    str(self.control),
+                    "--proactiveness",
+                    str(proactiveness),
+                    "--order",
+                    str(order),
+                    "--interval-ms",
+                    str(max(10, interval_ms)),
+                ],
+            )
+
+    def compact_once(self) -> str:
+        r = subprocess.run(
+            [*_gemfs(), "compactor", "--control", str(self.control), "--once"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if r.returncode != 0:
+            raise StackError(f"compactor --once failed: {(r.stderr or r.stdout).strip()}")
+        return r.stdout.strip()
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted(self.workdir.glob("*.log")):
+            out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+    def teardown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for c in ("drv", "core"):
+            client = getattr(self, c, None)
+            if client is not None:
+                client.close()
+        for _name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._own_mount and hasattr(self, "mountpoint") and os.path.ismount(self.mountpoint):
+            subprocess.run([*_gemfs(), "umount", str(self.mountpoint)], capture_output=True)
+            if os.path.ismount(self.mountpoint):
+                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.workdir)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+
+class StackBackend:
+    """:class:`tools.backend.Backend` on the real stack (``gemfs run`` without --inproc)."""
+
+    def __init__(self, workload: Workload, design: Design, mount: str | None = None) -> None:
+        self.design = design
+        self.timescale = float(os.environ.get("GEMFS_STACK_TIMESCALE", "0.05"))
+        self.t0 = time.monotonic()
+        self._next = 1
+        self._objects: dict[Handle, int] = {}
+        self._files: dict[Handle, tuple[str, int]] = {}
+        self._noise: dict[Handle, int] = {}
+        self._probes: list[int] = []
+        c = workload.compactor
+        self.stack = Stack(
+            workload.pool,
+            design,
+            mount,
+            proactiveness=c.proactiveness,
+            order=c.order,
+            interval_ms=int(c.interval_s * 1000 * self.timescale),
+        )
+        self.core, self.drv = self.stack.core, self.stack.drv
+        self.mountpoint = self.stack.mountpoint
+
+    def _handle(self) -> Handle:
+        h = Handle(self._next)
+        self._next += 1
+        return h
+
+    # -- objects ----------------------------------------------------------------------------
+    def create(self, size: int, tag: str, bind: bool) -> Handle:
+        try:
+            r = self.drv.call("create", {"size": size})
+        except CallError as e:
+            if e.errno in ("ENOSPC", "ENOMEM"):
+                raise OutOfMemory(str(e)) from None
+            raise
+        h = self._handle()
+        self._objects[h] = int(r["obj"])
+        if bind:
+            self.drv.call("exec", {"objs": [int(r["obj"])], "duration_ms": 0, "write": True})
+        return h
+
+    def close(self, handle: Handle) -> None:
+        if (oid := self._objects.pop(handle, None)) is not None:
+            self.drv.call("close", {"obj": oid, "unlink": True})
+        elif (f := self._files.pop(handle, None)) is not None:
+            self.core.call("close", {"obj": f[1], "unlink": True})
+        else:
+            raise KeyError(f"no object or file with handle {handle}")
+
+    def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
+        ids = [self._objects[h] for h in handles]
+        ms = duration_s * 1000 * self.timescale
+        self.drv.call("exec", {"objs": ids, "duration_ms": ms, "write": write})
+
+    def page_cache(self, size: int) -> Handle:
+        h = self._handle()
+        name = f"cache-{int(h)}"
+        try:
+            r = self.core.call("create", {"path": name, "size": 0, "mt": "movable"})
+        except CallError as e:
+            if e.errno in ("ENOSPC", "ENOMEM"):
+                raise OutOfMemory(str(e)) from None
+            raise
+        data = _cache_bytes(int(h), size)
+        try:
+            with open(self.mountpoint / name, "r+b") as f:
+                f.write(data)
+        except OSError as e:
+            self.core.call("close", {"obj": int(r["obj"]), "unlink": True})
+            raise OutOfMemory(str(e)) from None
+        self._files[h] = (name, int(r["obj"]))
+        return h
+
+    # -- kernel allocations -----------------------------------------------------------------
+    def alloc_noise(self, order: int, mt: MigrateType) -> Handle | None:
+        try:
+            r = self.core.call("alloc", {"order": order, "mt": mt.name.lower()})
+        except CallError:
+            return None
+        h = self._handle()
+        self._noise[h] = int(r["pfn"])
+        return h
+
+    def free_noise(self, handle: Handle) -> None:
+        self.core.call("free", {"pfn": self._noise.pop(handle)})
+
+    def probe(self, order: int) -> bool:
+        try:
+            r = self.core.call("alloc", {"order": order, "mt": "movable", "compact": True})
+        except CallError:
+            return False
+        self._probes.append(int(r["pfn"]))
+        return True
+
+    def release_probes(self) -> None:
+        for pfn in self._probes:
+            self.core.call("free", {"pfn": pfn})
+        self._probes.clear()
+
+    # -- compaction and time ----------------------------------------------------------------
+    def compact(self) -> None:
+        self.stack.compact_once()
+
+    def advance(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds) * self.timescale)
+
+    def sample(self) -> Sample:
+        s = self.core.call("stats")
+        d = self.drv.call("stats")
+        lat = np.asarray(s["callback_latency_us"], dtype=np.float64)
+        p50, p99 = np.percentile(lat, [50, 99]).tolist() if len(lat) else (0.0, 0.0)
+        vm = dict(s["vmstat"])
+        gpu: GpuSample = {
+            "batches": int(d["batches"]),
+            "stall_s": float(d["stall_ms"]) / 1000,
+            "data_errors": int(d["data_errors"]),
+            "migrate_calls": int(d["migrate_calls"]),
+            "migrate_eagain": int(d["migrate_eagain"]),
+            "invalidations": int(d["invalidations"]),
+            "refaults": int(d["refaults"]),
+        }
+        blocks = s["pageblocks"]
+        return {
+            "time_s": (time.monotonic() - self.t0) / self.timescale,
+            "pool_pages": int(s["nr_pages"]),
+            "free_pages": int(s["free_pages"]),
+            "buddyinfo": list(s["free"]),
+            "score": int(s["score"]),
+            "vmstat": vm,
+            "pageblocks": {mt.name.lower(): int(blocks[mt]) for mt in MigrateType},
+            "mixed_pageblocks": int(s["mixed_pageblocks"]),
+            "pageblock_types": np.frombuffer(s["pageblock_mt"], np.uint8).astype(int).tolist(),
+            "pageblock_states": np.frombuffer(s["pageblock_states"], np.uint8).astype(int).tolist(),
+            "callbacks": vm.get("gem_migrate_callbacks", 0) + vm.get("gem_invalidate_callbacks", 0),
+            "callback_p50_us": float(p50),
+            "callback_p99_us": float(p99),
+            "gpu": gpu,
+        }
+
+    def verify(self) -> int:
+        """GPU-side mismatches, objects whose content differs, and page-cache files that
+        read back (through the mount) differently from what was written."""
+        r = self.drv.call("verify")
+        bad = int(r["data_errors"])
+        for h, (name, _oid) in self._files.items():
+            data = (self.mountpoint / name).read_bytes()
+            if zlib.crc32(data) != zlib.crc32(_cache_bytes(int(h), len(data))):
+                bad += 1
+        return bad
+
+    def teardown(self) -> None:
+        self.stack.teardown()
+
+
+def _cache_bytes(seed: int, size: int) -> bytes:
+    pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+    stamp = np.arange(pages * PAGE_SIZE // 8, dtype=np.uint64) * np.uint64(2654435761)
+    return (stamp ^ np.uint64(seed)).view(np.uint8)[:size].tobytes()
+
+
+def make_stack_backend(workload: Workload, design: Design, mount: str | None) -> StackBackend:
+    return StackBackend(workload, design, mount)
