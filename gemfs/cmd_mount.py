@@ -1,0 +1,173 @@
+"""``gemfs mount`` and ``gemfs umount``: thin click commands over gemfs.daemon / gemfs.mountproc."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import sys
+from typing import IO, TYPE_CHECKING
+
+import click
+
+from gemfs.mountproc import (
+    MountError,
+    check_fuse_device,
+    check_mountpoint,
+    report,
+    server_args,
+    start_server,
+    unmount,
+)
+
+if TYPE_CHECKING:
+    from gemfs import daemon
+
+DESIGNS = ("pinned", "shmem-hook", "gemfs", "notifier")
+
+
+@click.command()
+@click.argument("mountpoint")
+@click.option("--pool", default="64MiB", show_default=True, help="Pool size, e.g. 256MiB, 1GiB.")
+@click.option(
+    "--design",
+    default="shmem-hook",
+    show_default=True,
+    help="Which design to model: " + ", ".join(DESIGNS) + ".",
+)
+@click.option("--control", metavar="PATH", help="Unix socket for the driver and compactor.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
+@click.option("--log", "log_file", metavar="FILE", help="Background mode: append the log here.")
+@click.option("--debug", is_flag=True, help="Log at debug level.")
+@click.option("--no-prefault", is_flag=True, help="Do not fault the whole pool in at start.")
+@click.option("--test-faults", is_flag=True, hidden=True, help="Enable .gemfs/inject_fault.")
+@click.option("--ready-fd", type=int, hidden=True, help="Report readiness on this fd.")
+def mount(
+    mountpoint: str,
+    pool: str,
+    design: str,
+    control: str | None,
+    foreground: bool,
+    log_file: str | None,
+    debug: bool,
+    no_prefault: bool,
+    test_faults: bool,
+    ready_fd: int | None,
+) -> None:
+    """Mount gemfs on MOUNTPOINT (in the background unless --foreground)."""
+    try:
+        _check_args(mountpoint, pool, design)
+        if foreground:
+            _serve_foreground(
+                mountpoint, pool, design, control, debug, not no_prefault, test_faults, ready_fd
+            )
+            return
+        extra = [*(["--debug"] if debug else []), *(["--no-prefault"] if no_prefault else [])]
+        args = server_args(
+            mountpoint,
+            pool=pool,
+            design=design,
+            control=control,
+            test_faults=test_faults,
+            extra=extra,
+        )
+        out: IO[bytes] | int = open(log_file, "ab") if log_file else subprocess.DEVNULL
+        try:
+            start_server(args, output=out, new_session=True)
+        finally:
+            if not isinstance(out, int):
+                out.close()
+    except MountError as e:
+        if ready_fd is not None:
+            report(ready_fd, str(e))
+        raise click.ClickException(str(e)) from None
+
+
+def _check_args(mountpoint: str, pool: str, design: str) -> None:
+    from gemfs.mm.pool import check_pool_size
+    from gemfs.mm.types import Design
+
+    check_fuse_device()
+    check_mountpoint(mountpoint)
+    try:
+        check_pool_size(pool)
+        Design.parse(design)
+    except ValueError as e:
+        raise MountError(str(e)) from None
+
+
+def _serve_foreground(
+    mountpoint: str,
+    pool: str,
+    design: str,
+    control: str | None,
+    debug: bool,
+    prefault: bool,
+    test_faults: bool,
+    ready_fd: int | None,
+) -> None:
+    import trio
+
+    from gemfs import daemon
+
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s gemfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    serve = functools.partial(
+        daemon.serve,
+        mountpoint,
+        pool=pool,
+        design=design,
+        control_path=control,
+        test_faults=test_faults,
+        prefault=prefault,
+        services=_control_services(control),
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            if ready_fd is not None:
+                report(ready_fd)
+
+    error: MountError | None = None
+    try:
+        trio.run(main)
+    except* MountError as group:
+        error = _first(group)
+    if error is not None:
+        raise error
+
+
+def _control_services(control: str | None) -> list[daemon.Service]:
+    """The control-socket server, when --control is given (uids from $GEMFS_ALLOW_UIDS)."""
+    if not control:
+        return []
+    from gemfs.control.server import control_service
+
+    uids = [int(u) for u in os.environ.get("GEMFS_ALLOW_UIDS", "").split(",") if u.strip()]
+    return [functools.partial(control_service, path=control, allow_uids=uids)]
+
+
+def _first(group: BaseExceptionGroup[MountError]) -> MountError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, MountError)
+    return exc
+
+
+@click.command()
+@click.argument("mountpoint")
+@click.option("--lazy", "-z", is_flag=True, help="Detach now, clean up when no longer busy.")
+def umount(mountpoint: str, lazy: bool) -> None:
+    """Unmount a gemfs mount (the server then exits)."""
+    try:
+        if not os.path.ismount(mountpoint):
+            raise MountError(f"{mountpoint} is not a mount point")
+        unmount(mountpoint, lazy=lazy)
+    except MountError as e:
+        raise click.ClickException(str(e)) from None
