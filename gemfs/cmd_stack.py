@@ -51,9 +51,16 @@ def driver_cmd(control: str, listen: str | None, name: str, verbose: bool) -> No
     try:
         trio.run(main)
     except* CallError as eg:
-        raise click.ClickException(f"driver: {eg.exceptions[0]}") from None
+        raise click.ClickException(f"driver: {_leaf(eg)}") from None
     except* OSError as eg:
-        raise click.ClickException(f"driver: {eg.exceptions[0]}") from None
+        raise click.ClickException(f"driver: {_leaf(eg)}") from None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _cancel_on_signal(scope: Any) -> None:
@@ -101,9 +108,9 @@ def compactor_cmd(
     try:
         trio.run(main)
     except* CallError as eg:
-        raise click.ClickException(f"compactor: {eg.exceptions[0]}") from None
+        raise click.ClickException(f"compactor: {_leaf(eg)}") from None
     except* OSError as eg:
-        raise click.ClickException(f"compactor: {eg.exceptions[0]}") from None
+        raise click.ClickException(f"compactor: {_leaf(eg)}") from None
     if result:
         s = result[0]
         click.echo(

@@ -76,7 +76,7 @@ class Stack:
             raise
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own copy
+        with open(self.workdir / f"{name}.log", "ab") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
@@ -141,6 +141,23 @@ class Stack:
                     str(max(10, interval_ms)),
                 ],
             )
+
+    def driver_proc(self) -> subprocess.Popen[bytes]:
+        return next(p for name, p in reversed(self.procs) if name == "driver")
+
+    def restart_driver(self) -> None:
+        """Start a fresh driver (after the old one died or was killed); reconnect to it."""
+        old = self.driver_proc()
+        if old.poll() is None:
+            old.kill()
+        old.wait()
+        self.drv.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.driver_sock.unlink()
+        cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
+        drv = self._spawn("driver", [*_gemfs(), *cmd])
+        _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
+        self.drv = SyncClient(str(self.driver_sock), name="gemfs-run")
 
     def compact_once(self) -> str:
         r = subprocess.run(

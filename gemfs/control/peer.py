@@ -33,6 +33,7 @@ from gemfs.control.protocol import (
     RemoteProtocolError,
     Reply,
     Welcome,
+    encode_frame,
     errno_code,
     errno_name,
 )
@@ -143,6 +144,8 @@ class Peer:
                 await self._send(Call(id=cid, op=op, args=args))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 raise CallError("ENOTCONN", f"send failed: {e}") from None
+            except LocalProtocolError as e:
+                raise CallError("ENOTCONN", f"cannot call: {e}") from None
             with trio.move_on_after(answer_within) as scope:
                 await pending.event.wait()
             if scope.cancelled_caught:
@@ -158,6 +161,8 @@ class Peer:
             await self._send(Notify(op=op, args=args))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise CallError("ENOTCONN", f"send failed: {e}") from None
+        except LocalProtocolError as e:
+            raise CallError("ENOTCONN", f"cannot notify: {e}") from None
 
     async def _answer(self, call: Call) -> None:
         assert self.on_call is not None
@@ -267,15 +272,24 @@ async def server_handshake(
     creds = peer_credentials(sock)
     conn = Connection("server")
     with trio.fail_after(handshake_within):
-        while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                conn.receive_data(await sock.recv(RECV))
-                continue
-            if not isinstance(event, Hello):
-                raise RemoteProtocolError(f"expected Hello, got {type(event).__name__}")
-            hello = event
-            break
+        try:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    conn.receive_data(await sock.recv(RECV))
+                    continue
+                if not isinstance(event, Hello):
+                    raise RemoteProtocolError(f"expected Hello, got {type(event).__name__}")
+                hello = event
+                break
+        except RemoteProtocolError as e:
+            try:  # tell the peer why, best effort, then let the caller close
+                await sock.send(
+                    encode_frame({"k": "error", "id": 0, "e": "EPROTO", "m": e.message})
+                )
+            except OSError:
+                pass
+            raise
         answer = info_for(hello, creds)
         if isinstance(answer, Error):
             await sock.send(conn.send(answer))

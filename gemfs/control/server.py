@@ -282,6 +282,13 @@ class ControlServer:
             raise _err(errno.EPERM, f"object {oid} is not yours")
         return obj
 
+    def _any(self, args: dict[str, Any]) -> GemObject:
+        oid = _int(args, "obj", 1)
+        obj: GemObject | None = self.mm.objects.get(oid)  # type: ignore[call-overload]
+        if obj is None:
+            raise _err(errno.ENOENT, f"no object {oid}")
+        return obj
+
     def _range(self, obj: GemObject, args: dict[str, Any]) -> tuple[int, int]:
         start = _int(args, "start", 0, obj.nr_pages)
         count = _int(args, "count", 0, obj.nr_pages - start)
@@ -413,6 +420,15 @@ class ControlServer:
                 return {"result": result.value, "free": mm.free_blocks_per_order()}
             case "stats":
                 return self.stats_dict()
+            case "frames":
+                obj = self._owned(state, args) if role != "client" else self._any(args)
+                return obj.pages.tolist()
+            case "check":
+                try:
+                    mm.check()
+                except AssertionError as e:
+                    return {"ok": False, "error": str(e)}
+                return {"ok": True, "error": ""}
             case "report" if role == "compactor":
                 counters = args.get("counters")
                 if not isinstance(counters, dict):
@@ -472,6 +488,8 @@ class ControlServer:
         mm = self.mm
         return {
             "design": mm.design.value,
+            "pid": os.getpid(),
+            "server": dict(self.stats),
             "nr_pages": mm.pool.nr_pages,
             "free": mm.free_blocks_per_order(),
             "free_pages": mm.buddy.free_pages,
@@ -513,6 +531,8 @@ class ControlServer:
         idx, src, dst = req.idx[ii], req.src[ii], req.dst[ii]
         t0 = time.perf_counter()
         out = np.full(len(ii), -EAGAIN, dtype=np.int32)
+        mm.vmstat.inc("gem_migrate_callbacks")
+        mm.vmstat.inc("gem_migrate_callback_pages", len(ii))
         try:
             answer = await state.peer.call(
                 "migrate",
@@ -538,8 +558,6 @@ class ControlServer:
                 await state.peer.aclose()
         except (ValueError, TypeError, OverflowError):
             await state.peer.aclose()
-        mm.vmstat.inc("gem_migrate_callbacks")
-        mm.vmstat.inc("gem_migrate_callback_pages", len(ii))
         mm.callback_latency_us.append((time.perf_counter() - t0) * 1e6)
         mm.vmstat.inc("gem_migrate_callback_us_total", int((time.perf_counter() - t0) * 1e6))
         self.stats["callbacks"] += 1
