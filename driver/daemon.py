@@ -143,6 +143,19 @@ class DriverDaemon:
             frames = np.frombuffer(r["frames"], dtype="<i8").astype(np.int64)
             self.gem.bind(o, frames)
 
+    async def _ready(self, objs: list[DriverObject]) -> None:
+        """Bind every object and return only when none is mid-migration.
+
+        The caller must touch the GTT with no await in between: a migrate callback that starts
+        later finds the batch already submitted (busy) and waits for it.
+        """
+        assert self.gem is not None
+        while True:
+            for o in objs:
+                await self._bind(o)
+            if all(o.id not in self.migrating and not self.gem.needs_bind(o) for o in objs):
+                return
+
     async def _changed(self, o: DriverObject) -> None:
         """The GPU wrote the object: the core drops the file's page cache for it."""
         assert self.core is not None
@@ -190,15 +203,15 @@ class DriverDaemon:
                 if not isinstance(ms, int | float) or ms < 0:
                     raise _err(errno.EINVAL, "duration_ms must be >= 0")
                 write = bool(a.get("write", False))
-                for o in objs:
-                    await self._bind(o)
-                gem.execute(objs, trio.current_time(), ms / 1000, write)
+                await self._ready(objs)
+                gem.execute(objs, trio.current_time(), ms / 1000, write)  # no await before this
                 if write:
                     for o in objs:
-                        await core.call(
-                            "content_changed", {"obj": o.id, "start": 0, "count": o.nr_pages}
-                        )
-                return {"data_errors": gem.stats.data_errors}
+                        await self._changed(o)
+                return {
+                    "data_errors": gem.stats.data_errors,
+                    "checksums": {str(o.id): o.checksum for o in objs},
+                }
             case "wait":
                 o = self._obj(a)
                 await trio.sleep_until(o.busy_until)
@@ -210,20 +223,20 @@ class DriverDaemon:
                     raise _err(errno.EINVAL, "data (bytes) and offset (int) expected")
                 if off + len(data) > o.nr_pages * PAGE_SIZE:
                     raise _err(errno.EFBIG, "write past the end of the object")
-                await self._bind(o)
                 await trio.sleep_until(o.busy_until)
+                await self._ready([o])
                 gem.write_object(o, off, data)
                 await self._changed(o)
                 return len(data)
             case "read":
                 o = self._obj(a)
-                await self._bind(o)
                 await trio.sleep_until(o.busy_until)
+                await self._ready([o])
                 return gem.read_object(o)
             case "verify":
                 bad = 0
                 for o in list(gem.objects.values()):
-                    await self._bind(o)
+                    await self._ready([o])
                     bad += 0 if gem.verify(o) else 1
                 return {"bad_objects": bad, "data_errors": gem.stats.data_errors}
             case "close":

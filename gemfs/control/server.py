@@ -575,7 +575,7 @@ class ControlServer:
         res = mm.settle_request(req, isolated, out, SHMEM_OPS)
         mm.vmstat.inc("gem_migrate_callback_eagain", int(np.count_nonzero(res == -EAGAIN)))
         mm.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(res == -errno.EBUSY)))
-        if alive and len(ii):
+        if id(state.peer) in self.peers and len(ii):  # always release the driver's object
             try:
                 await state.peer.notify(
                     "migrated",
