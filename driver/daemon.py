@@ -203,8 +203,12 @@ class DriverDaemon:
                 if not isinstance(ms, int | float) or ms < 0:
                     raise _err(errno.EINVAL, "duration_ms must be >= 0")
                 write = bool(a.get("write", False))
+                gen = a.get("generation")
+                if gen is not None and (not isinstance(gen, int) or gen < 0):
+                    raise _err(errno.EINVAL, "generation must be a non-negative integer")
                 await self._ready(objs)
-                gem.execute(objs, trio.current_time(), ms / 1000, write)  # no await before this
+                now = trio.current_time()
+                gem.execute(objs, now, ms / 1000, write, gen)  # no await since _ready
                 if write:
                     for o in objs:
                         await self._changed(o)

@@ -105,8 +105,18 @@ class GemDriver:
         return held
 
     # -- the GPU ----------------------------------------------------------------------------
-    def execute(self, objs: list[DriverObject], now: float, duration: float, write: bool) -> None:
-        """Run a batch: read every object through its GTT and check it; optionally write it."""
+    def execute(
+        self,
+        objs: list[DriverObject],
+        now: float,
+        duration: float,
+        write: bool,
+        generation: int | None = None,
+    ) -> None:
+        """Run a batch: read every object through its GTT and check it; optionally write it.
+
+        ``generation`` (optional) picks the pattern written, so a client can predict the bytes.
+        """
         self.stats.batches += 1
         for o in objs:
             if self.needs_bind(o):
@@ -115,7 +125,7 @@ class GemDriver:
                 self.stats.data_errors += 1
             self.stats.pages_read += o.nr_pages
             if write:
-                o.generation += 1
+                o.generation = o.generation + 1 if generation is None else generation
                 data = gpu_pattern(o.id, o.generation, o.nr_pages).reshape(-1, PAGE_SIZE)
                 self.frames[o.gtt] = data
                 o.checksum = zlib.crc32(data.data)

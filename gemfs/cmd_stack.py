@@ -196,3 +196,43 @@ def gem_close(ctx: click.Context, obj: int, keep_file: bool) -> None:
 def gem_stats(ctx: click.Context) -> None:
     """Print the driver's counters (batches, data errors, stalls, callbacks)."""
     click.echo(json.dumps(_call(ctx, "stats", {}), indent=1))
+
+
+@click.command("stress")
+@click.option("--minutes", type=click.FloatRange(0.05), default=1.0, show_default=True)
+@click.option(
+    "--design",
+    default="shmem-hook",
+    show_default=True,
+    type=click.Choice(["pinned", "shmem-hook", "gemfs", "notifier"]),
+)
+@click.option("--workers", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--seed", default=1, show_default=True, type=int)
+def stress_cmd(minutes: float, design: str, workers: int, seed: int) -> None:
+    """Concurrent file I/O, GPU batches and compaction with faults injected; checks every byte."""
+    from gemfs.mm.types import Design
+    from tools.stress import run_stress
+
+    rep = run_stress(minutes * 60, Design.parse(design), workers=workers, seed=seed)
+    rows = [
+        ("duration (s)", f"{rep.seconds:.0f}"),
+        ("file operations", rep.file_ops),
+        ("GPU batches / objects", f"{rep.gpu_batches} / {rep.gpu_objects}"),
+        ("pages migrated / failed", f"{rep.migrations} / {rep.migrate_fail}"),
+        ("owner callbacks / timeouts", f"{rep.callbacks} / {rep.callback_timeouts}"),
+        ("migrations aborted (peer died)", rep.aborted),
+        ("explicit compactions", rep.compactions),
+        ("driver kills / compactor kills", f"{rep.driver_kills} / {rep.compactor_kills}"),
+        ("ENOSPC answers", rep.enospc),
+        ("bytes checked", rep.bytes_checked),
+        ("objects checked / bad", f"{rep.objects_checked} / {rep.objects_bad}"),
+        ("GPU data errors", rep.data_errors),
+        ("bytes lost", rep.bytes_lost),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<34} {v}")
+    for e in rep.errors[:20]:
+        click.echo(f"error: {e}", err=True)
+    if not rep.clean:
+        raise click.ClickException("stress run was not clean")
+    click.echo("clean: 0 bytes lost")

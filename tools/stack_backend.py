@@ -126,21 +126,7 @@ class Stack:
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
         self.drv = SyncClient(str(self.driver_sock), name="gemfs-run")
         if proactiveness > 0:
-            self._spawn(
-                "compactor",
-                [
-                    *_gemfs(),
-                    "compactor",
-                    "--control",
-                    str(self.control),
-                    "--proactiveness",
-                    str(proactiveness),
-                    "--order",
-                    str(order),
-                    "--interval-ms",
-                    str(max(10, interval_ms)),
-                ],
-            )
+            self.start_compactor(proactiveness=proactiveness, order=order, interval_ms=interval_ms)
 
     def driver_proc(self) -> subprocess.Popen[bytes]:
         return next(p for name, p in reversed(self.procs) if name == "driver")
@@ -158,6 +144,19 @@ class Stack:
         drv = self._spawn("driver", [*_gemfs(), *cmd])
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
         self.drv = SyncClient(str(self.driver_sock), name="gemfs-run")
+
+    def start_compactor(
+        self, *, proactiveness: int, order: int = 9, interval_ms: int = 500
+    ) -> None:
+        """Start a proactive compactor process (another one may already run).
+
+        ``order`` < 0 (a workload's "no order-driven wake-ups") leaves the compactor's default.
+        """
+        args = [*_gemfs(), "compactor", "--control", str(self.control)]
+        args += ["--proactiveness", str(proactiveness), "--interval-ms", str(max(10, interval_ms))]
+        if order >= 0:
+            args += ["--order", str(order)]
+        self._spawn("compactor", args)
 
     def compact_once(self) -> str:
         r = subprocess.run(

@@ -17,6 +17,8 @@ from gemfs.control.protocol import (
     ConnectionClosed,
     Error,
     Hello,
+    LocalProtocolError,
+    RemoteProtocolError,
     Reply,
     Welcome,
 )
@@ -56,8 +58,16 @@ class SyncClient:
             self.conn.receive_data(self.sock.recv(1 << 20))
 
     def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return self._call(op, args or {})
+        except LocalProtocolError as e:
+            raise CallError("ENOTCONN", str(e)) from None
+        except RemoteProtocolError as e:
+            raise CallError("EPROTO", str(e)) from None
+
+    def _call(self, op: str, args: dict[str, Any]) -> Any:
         cid = self.conn.new_call_id()
-        self.sock.sendall(self.conn.send(Call(id=cid, op=op, args=args or {})))
+        self.sock.sendall(self.conn.send(Call(id=cid, op=op, args=args)))
         while True:
             ev = self._next()
             match ev:

@@ -1,0 +1,375 @@
+"""`gemfs stress`: concurrent load with faults injected at random; nothing may be lost.
+
+Worker processes do file I/O on the mount (writes, reads, truncates, renames, mmap writes,
+unlink and re-create), each checking every read against its own model of the files. A GPU
+thread creates, executes (writes) and frees the driver's objects, remembering the checksum the
+driver reports for each object. The proactive compactor runs all along and explicit full
+compactions run now and then. A fault thread kills the driver (then restarts it and takes the
+objects back by path), kills the compactor (then restarts it), and makes GPU batches long enough
+that migrate callbacks time out. At the end every file and every object is compared with what
+its writer wrote.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import os
+import random
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from driver.gem import gpu_pattern
+from gemfs.control.peer import CallError
+from gemfs.mm.types import PAGE_SIZE, Design
+from tools.stack_backend import Stack, StackError
+
+MAX_FILE = 1 << 20
+
+
+@dataclass
+class WorkerReport:
+    ops: int = 0
+    bytes_checked: int = 0
+    bytes_lost: int = 0
+    enospc: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _pattern_crc(obj_id: int, generation: int, size: int) -> int:
+    pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+    return zlib.crc32(gpu_pattern(obj_id, generation, pages).data)
+
+
+def _diff(a: bytes, b: bytes) -> int:
+    n = max(len(a), len(b))
+    if a == b:
+        return 0
+    common = min(len(a), len(b))
+    return sum(1 for i in range(common) if a[i] != b[i]) + (n - common)
+
+
+def _pwrite(fd: int, data: bytes, off: int, m: bytearray) -> None:
+    """pwrite, applying to the model exactly what the file system took (a short write on
+    ENOSPC keeps its prefix; a failed one changes nothing) and re-raising ENOSPC."""
+    done = 0
+    try:
+        while done < len(data):
+            n = os.pwrite(fd, data[done:], off + done)
+            if n <= 0:
+                break
+            done += n
+    finally:
+        if done:
+            end = off + done
+            if len(m) < off:
+                m.extend(bytes(off - len(m)))
+            m[off:end] = data[:done]
+
+
+def worker(root: str, seed: int, stop_at: float, out: Any) -> None:
+    """One process of file I/O on its own directory, checking against a model."""
+    rng = random.Random(seed)
+    d = Path(root) / f"w{seed}"
+    d.mkdir()
+    model: dict[str, bytearray] = {}
+    dense: set[str] = set()  # files without holes
+    rep = WorkerReport()
+
+    def path(name: str) -> Path:
+        return d / name
+
+    def check(name: str, off: int = 0, n: int | None = None) -> None:
+        want = bytes(model[name])
+        with open(path(name), "rb") as f:
+            f.seek(off)
+            got = f.read(len(want) - off if n is None else n)
+        exp = want[off : off + len(got)] if n is not None else want[off:]
+        rep.bytes_checked += len(exp)
+        lost = _diff(got, exp)
+        if lost:
+            rep.bytes_lost += lost
+            rep.errors.append(f"{name}@{off}: {lost} bytes differ")
+
+    try:
+        while time.monotonic() < stop_at:
+            rep.ops += 1
+            op = rng.random()
+            names = sorted(model)
+            try:
+                if op < 0.15 or not names:
+                    name = f"f{rng.randrange(1 << 30)}"
+                    data = rng.randbytes(rng.randrange(1, 256 << 10))
+                    model[name] = bytearray()
+                    fd = os.open(path(name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+                    try:
+                        _pwrite(fd, data, 0, model[name])
+                    finally:
+                        os.close(fd)
+                    dense.add(name)
+                elif op < 0.45:
+                    name = rng.choice(names)
+                    off = rng.randrange(0, MAX_FILE - 65536)
+                    data = rng.randbytes(rng.randrange(1, 65536))
+                    if off > len(model[name]):
+                        dense.discard(name)  # a hole: pages without frames
+                    fd = os.open(path(name), os.O_WRONLY)
+                    try:
+                        _pwrite(fd, data, off, model[name])
+                    finally:
+                        os.close(fd)
+                elif op < 0.7:
+                    name = rng.choice(names)
+                    size = len(model[name])
+                    off = rng.randrange(0, max(1, size))
+                    check(name, off, rng.randrange(1, 131072))
+                elif op < 0.78:
+                    name = rng.choice(names)
+                    size = rng.randrange(0, MAX_FILE)
+                    os.truncate(path(name), size)
+                    if size > len(model[name]):
+                        dense.discard(name)
+                    m = model[name]
+                    del m[size:]
+                    m.extend(bytes(size - len(m)))
+                elif op < 0.85:
+                    name = rng.choice(names)
+                    new = f"r{rng.randrange(1 << 30)}"
+                    os.rename(path(name), path(new))
+                    model[new] = model.pop(name)
+                    if name in dense:
+                        dense.discard(name)
+                        dense.add(new)
+                elif op < 0.93:
+                    name = rng.choice(names)
+                    m = model[name]
+                    if len(m) >= 8192 and name in dense:  # mmap writes only over real pages
+                        off = rng.randrange(0, len(m) // 4096) * 4096
+                        n = min(len(m) - off, rng.randrange(1, 16384))
+                        data = rng.randbytes(n)
+                        with open(path(name), "r+b") as f:
+                            mm = mmap.mmap(f.fileno(), len(m))
+                            mm[off : off + n] = data
+                            mm.flush()
+                            mm.close()
+                        m[off : off + n] = data
+                else:
+                    name = rng.choice(names)
+                    check(name)
+                    os.unlink(path(name))
+                    del model[name]
+                    dense.discard(name)
+            except OSError as e:
+                if e.errno == 28:  # ENOSPC: allowed, the model did not change... verify it
+                    rep.enospc += 1
+                    for n2 in list(model):
+                        check(n2)
+                else:
+                    rep.errors.append(f"{type(e).__name__}: {e}")
+                    break
+        for name in sorted(model):
+            check(name)
+    except Exception as e:  # report, never hang the parent
+        rep.errors.append(f"{type(e).__name__}: {e}")
+    out.put(rep.__dict__)
+
+
+@dataclass
+class StressReport:
+    seconds: float = 0
+    file_ops: int = 0
+    gpu_batches: int = 0
+    gpu_objects: int = 0
+    migrations: int = 0
+    migrate_fail: int = 0
+    callbacks: int = 0
+    callback_timeouts: int = 0
+    aborted: int = 0
+    compactions: int = 0
+    driver_kills: int = 0
+    compactor_kills: int = 0
+    bytes_checked: int = 0
+    bytes_lost: int = 0
+    objects_checked: int = 0
+    objects_bad: int = 0
+    data_errors: int = 0
+    enospc: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.bytes_lost or self.objects_bad or self.data_errors or self.errors)
+
+
+class Stress:
+    def __init__(self, seconds: float, design: Design, workers: int, seed: int) -> None:
+        self.seconds = seconds
+        self.design = design
+        self.workers = workers
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.report = StressReport()
+        self.lock = threading.Lock()  # guards the driver client and the objects table
+        self.objects: dict[str, tuple[int, int]] = {}  # path -> (obj id, expected crc)
+        self.sizes: dict[str, int] = {}
+        self.maybe: dict[str, set[int]] = {}  # batches in flight when the driver died
+        self.stop = threading.Event()
+
+    def _drv_call(self, stack: Stack, op: str, args: dict[str, Any]) -> Any:
+        with self.lock:
+            return stack.drv.call(op, args)
+
+    def gpu(self, stack: Stack) -> None:
+        rng = random.Random(self.seed + 1)
+        while not self.stop.is_set():
+            try:
+                with self.lock:
+                    paths = list(self.objects)
+                if len(paths) < 40 or rng.random() < 0.25:
+                    size = rng.choice([64, 256, 1024, 2048]) << 10
+                    r = self._drv_call(stack, "create", {"size": size})
+                    with self.lock:
+                        self.objects[r["path"]] = (r["obj"], zlib.crc32(bytes(size)))
+                        self.sizes[r["path"]] = size
+                    self.report.gpu_objects += 1
+                    paths.append(r["path"])
+                if rng.random() < 0.25 and len(paths) > 8:
+                    p = rng.choice(paths)
+                    with self.lock:
+                        oid, _ = self.objects.pop(p)
+                        stack.drv.call("close", {"obj": oid})
+                    continue
+                batch = rng.sample(paths, min(len(paths), rng.randrange(1, 4)))
+                long = rng.random() < 0.1  # long enough for callbacks to time out
+                ms = rng.uniform(600, 900) if long else rng.uniform(1, 30)
+                gen = rng.randrange(1, 1 << 30)
+                with self.lock:
+                    batch = [p for p in batch if p in self.objects]
+                    # If the driver dies mid-call the batch may or may not have run: both the
+                    # old and the new content are then acceptable, nothing else is.
+                    for p in batch:
+                        oid, crc = self.objects[p]
+                        self.maybe[p] = {crc, _pattern_crc(oid, gen, self.sizes[p])}
+                    ids = [self.objects[p][0] for p in batch]
+                    args = {"objs": ids, "duration_ms": ms, "write": True, "generation": gen}
+                    r = stack.drv.call("exec", args)
+                    for p in batch:
+                        oid, _ = self.objects[p]
+                        self.objects[p] = (oid, r["checksums"][str(oid)])
+                        self.maybe.pop(p, None)
+                self.report.gpu_batches += 1
+            except (CallError, OSError, KeyError) as e:
+                if self.stop.is_set():
+                    return
+                self._recover_driver(stack, f"{type(e).__name__}: {e}")
+            time.sleep(0.005)
+
+    def _recover_driver(self, stack: Stack, why: str) -> None:
+        """The driver died (we killed it): start a new one, take every object back."""
+        with self.lock:
+            if stack.driver_proc().poll() is None:
+                try:
+                    stack.drv.call("stats", {})
+                    return  # a transient error, the driver is fine
+                except (CallError, OSError):
+                    pass
+            stack.restart_driver()
+            for p, (_oid, crc) in list(self.objects.items()):
+                r = stack.drv.call("open", {"path": p})
+                data = (stack.mountpoint / p.lstrip("/")).read_bytes()
+                self.report.objects_checked += 1
+                if zlib.crc32(data) not in self.maybe.pop(p, {crc}):
+                    self.report.objects_bad += 1
+                    self.report.errors.append(f"{p}: content changed across a driver kill")
+                self.objects[p] = (r["obj"], zlib.crc32(data))
+
+    def faults(self, stack: Stack) -> None:
+        rng = random.Random(self.seed + 2)
+        while not self.stop.wait(rng.uniform(2.0, 5.0)):
+            what = rng.random()
+            if what < 0.4:
+                stack.driver_proc().send_signal(signal.SIGKILL)
+                self.report.driver_kills += 1
+            elif what < 0.7:
+                proc = next((p for n, p in stack.procs if n == "compactor"), None)
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    self.report.compactor_kills += 1
+                    stack.procs.remove(("compactor", proc))
+                stack.start_compactor(proactiveness=60, interval_ms=200)
+            else:
+                try:
+                    stack.compact_once()
+                    self.report.compactions += 1
+                except StackError as e:
+                    self.report.errors.append(str(e))
+
+    def run(self) -> StressReport:
+        t0 = time.monotonic()
+        with Stack("128MiB", self.design) as stack:
+            stack.start_compactor(proactiveness=60, interval_ms=200)
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            stop_at = time.monotonic() + self.seconds
+            procs = [
+                ctx.Process(
+                    target=worker, args=(str(stack.mountpoint), self.seed * 100 + i, stop_at, q)
+                )
+                for i in range(self.workers)
+            ]
+            for p in procs:
+                p.start()
+            threads = [
+                threading.Thread(target=self.gpu, args=(stack,), daemon=True),
+                threading.Thread(target=self.faults, args=(stack,), daemon=True),
+            ]
+            for t in threads:
+                t.start()
+            reports = [q.get(timeout=self.seconds + 300) for _ in procs]
+            for p in procs:
+                p.join(30)
+            self.stop.set()
+            for t in threads:
+                t.join(120)
+            rep = self.report
+            for w in reports:
+                rep.file_ops += w["ops"]
+                rep.bytes_checked += w["bytes_checked"]
+                rep.bytes_lost += w["bytes_lost"]
+                rep.enospc += w["enospc"]
+                rep.errors.extend(w["errors"])
+            # Every GPU object against the checksum its last batch reported.
+            self._recover_driver(stack, "final check")  # no-op when the driver is alive
+            for path, (_oid, crc) in self.objects.items():
+                data = (stack.mountpoint / path.lstrip("/")).read_bytes()
+                rep.objects_checked += 1
+                rep.bytes_checked += len(data)
+                if zlib.crc32(data) != crc:
+                    rep.objects_bad += 1
+                    rep.errors.append(f"{path}: content differs from the GPU's last write")
+            v = stack.drv.call("verify", {})
+            rep.data_errors += int(v["data_errors"]) + int(v["bad_objects"])
+            check = stack.core.call("check", {})
+            if not check["ok"]:
+                rep.errors.append(f"invariant: {check['error']}")
+            vm = stack.core.call("stats", {})["vmstat"]
+            rep.migrations = vm["pgmigrate_success"]
+            rep.migrate_fail = vm["pgmigrate_fail"]
+            rep.callbacks = vm["gem_migrate_callbacks"] + vm["gem_invalidate_callbacks"]
+            rep.callback_timeouts = vm["gem_callback_timeouts"]
+            rep.aborted = vm["pgmigrate_aborted"]
+            if not os.path.ismount(stack.mountpoint):
+                rep.errors.append("the mount went away")
+        rep.seconds = time.monotonic() - t0
+        return rep
+
+
+def run_stress(seconds: float, design: Design, workers: int = 3, seed: int = 1) -> StressReport:
+    os.environ.setdefault("GEMFS_CALLBACK_TIMEOUT", "0.5")
+    return Stress(seconds, design, workers, seed).run()
