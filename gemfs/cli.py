@@ -3,8 +3,10 @@
 import click
 
 from gemfs.cmd_bench import bench
+from gemfs.cmd_calibrate import calibrate_cmd
 from gemfs.cmd_mount import mount, umount
-from gemfs.cmd_stack import compactor_cmd, driver_cmd, gem
+from gemfs.cmd_run import demo, run, top
+from gemfs.cmd_stack import compactor_cmd, driver_cmd, gem, stress_cmd
 
 
 @click.group()
@@ -13,8 +15,13 @@ def main() -> None:
 
 
 main.add_command(bench)
+main.add_command(calibrate_cmd)
 main.add_command(mount)
 main.add_command(umount)
 main.add_command(driver_cmd)
 main.add_command(compactor_cmd)
 main.add_command(gem)
+main.add_command(run)
+main.add_command(top)
+main.add_command(demo)
+main.add_command(stress_cmd)

@@ -1,0 +1,177 @@
+"""``gemfs run``, ``gemfs demo`` and ``gemfs top``: thin click commands over tools/."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gemfs.mm.types import Design
+from tools.player import RunResult
+from tools.report import rich_table, write_report
+from tools.runner import (
+    BackendFactory,
+    BackendUnavailable,
+    inproc_factory,
+    run_designs,
+    stack_factory,
+)
+from tools.top import Reader, TopError, control_reader, mount_reader, render
+from tools.workload import Workload, WorkloadError, load_workload
+
+DESIGN_CHOICE = click.Choice([d.value for d in Design])
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _designs(values: Sequence[str]) -> list[Design]:
+    chosen = [Design(v) for v in values] or list(Design)
+    return list(dict.fromkeys(chosen))  # in the order given, once each
+
+
+def _load(path: str) -> Workload:
+    try:
+        return load_workload(path)
+    except WorkloadError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _play(
+    workload: Workload, designs: list[Design], factory: BackendFactory, console: Console
+) -> list[RunResult]:
+    total = workload.ticks * len(designs)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(workload.name, total=total)
+
+        def tick(design: Design, phase: str) -> None:
+            bar.update(task, advance=1, description=f"{design.value}: {phase}")
+
+        try:
+            return run_designs(workload, designs, factory, tick)
+        except BackendUnavailable as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _run_and_report(
+    workload: Workload,
+    designs: list[Design],
+    factory: BackendFactory,
+    out: Path,
+    json_file: str | None,
+) -> None:
+    console = Console()
+    t0 = time.perf_counter()
+    results = _play(workload, designs, factory, Console(stderr=True))
+    elapsed = time.perf_counter() - t0
+    records = [r.record for r in results]
+    files = write_report(workload, results, out)
+    if json_file:
+        Path(json_file).write_text(json.dumps([r.to_json() for r in records], indent=1) + "\n")
+    console.print(rich_table(records, title=f"{workload.name}: {workload.description}"))
+    console.print(
+        f"{len(designs)} design(s) in {elapsed:.1f} s; report: {files.markdown}"
+        + (f"; records: {json_file}" if json_file else "")
+    )
+
+
+@click.command()
+@click.argument("workload", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--design",
+    "designs",
+    multiple=True,
+    type=DESIGN_CHOICE,
+    help="Design to run (repeatable; default: all four).",
+)
+@click.option("--inproc", is_flag=True, help="Run in this process on the model (no FUSE).")
+@click.option("--mount", metavar="M", help="Use this existing gemfs mount (not with --inproc).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Report directory (default: out/<workload name>).",
+)
+@click.option("--json", "json_file", metavar="FILE", help="Also write the records here.")
+def run(
+    workload: str,
+    designs: tuple[str, ...],
+    inproc: bool,
+    mount: str | None,
+    out: str | None,
+    json_file: str | None,
+) -> None:
+    """Play a WORKLOAD file under each design and compare them side by side."""
+    if inproc and mount:
+        raise click.UsageError("--mount needs the multi-process stack; drop --inproc")
+    w = _load(workload)
+    try:
+        factory = inproc_factory() if inproc else stack_factory(mount)
+    except BackendUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    out_dir = Path(out) if out else Path("out") / w.name
+    _run_and_report(w, _designs(designs), factory, out_dir, json_file)
+
+
+@click.command()
+@click.option(
+    "--workload",
+    "workload_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Workload file (default: examples/desktop.toml).",
+)
+@click.option("--design", "designs", multiple=True, type=DESIGN_CHOICE, help="Default: all four.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="out/demo",
+    show_default=True,
+    help="Report directory.",
+)
+def demo(workload_path: str | None, designs: tuple[str, ...], out: str) -> None:
+    """Run the desktop workload under all four designs and print the comparison."""
+    path = Path(workload_path) if workload_path else EXAMPLES / "desktop.toml"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found (run from a source checkout)")
+    w = _load(str(path))
+    _run_and_report(w, _designs(designs), inproc_factory(), Path(out), None)
+
+
+@click.command()
+@click.argument("mountpoint", required=False)
+@click.option("--control", metavar="PATH", help="Read the pool over this control socket.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+def top(mountpoint: str | None, control: str | None, interval: float, once: bool) -> None:
+    """Show the live pool of MOUNTPOINT (or --control PATH): buddyinfo, score, counters."""
+    if (mountpoint is None) == (control is None):
+        raise click.UsageError("give either MOUNTPOINT or --control PATH")
+    try:
+        read: Reader = control_reader(control) if control else mount_reader(str(mountpoint))
+        console = Console()
+        if once:
+            console.print(render(read()))
+            return
+        with Live(render(read()), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(read()), refresh=True)
+    except TopError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        pass
