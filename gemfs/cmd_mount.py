@@ -64,17 +64,17 @@ def mount(
             )
             return
         extra = [*(["--debug"] if debug else []), *(["--no-prefault"] if no_prefault else [])]
-        args = server_args(
-            mountpoint,
+        args = server_args(  # absolute paths: the daemon runs in "/"
+            os.path.abspath(mountpoint),
             pool=pool,
             design=design,
-            control=control,
+            control=None if control is None else os.path.abspath(control),
             test_faults=test_faults,
             extra=extra,
         )
         out: IO[bytes] | int = open(log_file, "ab") if log_file else subprocess.DEVNULL
         try:
-            start_server(args, output=out, new_session=True)
+            start_server(args, output=out, new_session=True, cwd="/")
         finally:
             if not isinstance(out, int):
                 out.close()
@@ -149,7 +149,12 @@ def _control_services(control: str | None) -> list[daemon.Service]:
     from gemfs.control.server import control_service
 
     uids = [int(u) for u in os.environ.get("GEMFS_ALLOW_UIDS", "").split(",") if u.strip()]
-    return [functools.partial(control_service, path=control, allow_uids=uids)]
+    timeout = float(os.environ.get("GEMFS_CALLBACK_TIMEOUT", "2.0"))
+    return [
+        functools.partial(
+            control_service, path=control, allow_uids=uids, callback_timeout=timeout
+        )
+    ]
 
 
 def _first(group: BaseExceptionGroup[MountError]) -> MountError:
@@ -171,3 +176,7 @@ def umount(mountpoint: str, lazy: bool) -> None:
         unmount(mountpoint, lazy=lazy)
     except MountError as e:
         raise click.ClickException(str(e)) from None
+
+
+if __name__ == "__main__":  # servers started by gemfs.mountproc: no need to import the whole CLI
+    mount(prog_name="gemfs mount")

@@ -172,9 +172,7 @@ class MemoryManager:
         """
         end = start + count
         if end > len(obj.pages):
-            grown = np.full(end, -1, dtype=np.int64)
-            grown[: len(obj.pages)] = obj.pages
-            obj.pages = grown
+            _grow_page_table(obj, end)
         seg = obj.pages[start:end]
         holes = np.flatnonzero(seg < 0)
         if len(holes):
@@ -652,6 +650,31 @@ class MemoryManager:
         assert int(np.count_nonzero(obj_frames)) == int(seen.sum()), "orphan object frames"
         assert not np.any(p.flags & PG_ISOLATED), "page left isolated"
         assert not np.any(target), "migration target left isolated"
+
+
+def _grow_page_table(obj: GemObject, end: int) -> None:
+    """Extend obj.pages to ``end`` entries (new ones holes), with room to spare.
+
+    obj.pages is a prefix view of a larger buffer, so a file written front to back (one request
+    after the other) does not copy its whole page table on every request.
+    """
+    old = obj.pages
+    n = len(old)
+    buf = old.base
+    if (
+        isinstance(buf, np.ndarray)
+        and buf.dtype == np.int64
+        and buf.ndim == 1
+        and len(buf) >= end
+        and old.flags.c_contiguous
+        and n > 0
+        and old.ctypes.data == buf.ctypes.data
+    ):
+        buf[n:end] = -1
+    else:
+        buf = np.full(max(end, 2 * n), -1, dtype=np.int64)
+        buf[:n] = old
+    obj.pages = buf[:end]
 
 
 def _first_occurrence(a: I64) -> npt.NDArray[np.bool_]:
