@@ -310,17 +310,18 @@ class BuddyAllocator:
             cand = pfns & ~np.int64((1 << o) - 1)
             hit = (heads == NIL) & ((p.flags[cand] & PG_BUDDY) != 0) & (p.order[cand] == o)
             heads[hit] = cand[hit]
+        blocks: list[I64] = []
         for h in np.unique(heads).tolist():
             order, _mt = self._del(h)
             n = 1 << order
             self.free_pages -= n
-            block = np.arange(h, h + n, dtype=np.int64)
-            taken = np.isin(block, pfns, assume_unique=False)
             p.flags[h : h + n] = 0
-            p.flags[block[taken]] = PG_TARGET
-            back = block[~taken]
-            if len(back):
-                self.free_pfns(back)
+            blocks.append(np.arange(h, h + n, dtype=np.int64))
+        p.flags[pfns] = PG_TARGET
+        frames = np.concatenate(blocks)
+        back = frames[p.flags[frames] == 0]  # split off, not asked for: back to the lists
+        if len(back):
+            self.free_pfns(back)
 
     def release_targets(self, pfns: I64) -> None:
         """Give unused migration targets back to the buddy."""
