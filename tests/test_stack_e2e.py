@@ -92,3 +92,25 @@ def test_authorization_and_ops_by_design(stack: Stack) -> None:
         core.call("migrate", {"src": "nonsense", "dst": []})
     assert e.value.errno == "EINVAL"
     assert core.call("stats")["design"] == stack.design.value
+
+
+@pytest.mark.parametrize("design", [Design.SHMEM_HOOK, Design.NOTIFIER])
+def test_compact_memory_knob_reaches_the_driver(design: Design) -> None:
+    """echo 1 > .gemfs/compact_memory compacts through the owners' callbacks too."""
+    with Stack(f"{POOL_MIB}MiB", design) as stack:
+        objs = []
+        for _ in range(POOL_MIB * 8 // 10):
+            r = stack.drv.call("create", {"size": 1 << 20})
+            stack.drv.call("exec", {"objs": [r["obj"]], "duration_ms": 0, "write": True})
+            objs.append(r)
+        for r in objs[::2]:
+            stack.drv.call("close", {"obj": r["obj"]})
+        before = stack.core.call("stats")
+        (stack.mountpoint / ".gemfs" / "compact_memory").write_text("1\n")
+        after = stack.core.call("stats")
+        assert _order9(after["free"]) >= 0.9 * (before["free_pages"] // 512)
+        assert (
+            after["vmstat"]["gem_migrate_callbacks"] + after["vmstat"]["gem_invalidate_callbacks"]
+            > 0
+        )
+        assert stack.drv.call("verify") == {"bad_objects": 0, "data_errors": 0}

@@ -670,4 +670,11 @@ async def control_service(
     """Run the control server for a mount; reports the server once it listens."""
     server = ControlServer(kernel, path, allow_uids=allow_uids, callback_timeout=callback_timeout)
     kernel.control = server  # type: ignore[attr-defined]
+    fs = getattr(kernel, "fs", None)
+    if fs is not None and hasattr(fs, "compact_memory"):
+        # Writing 1 to .gemfs/compact_memory must reach the drivers' callbacks too.
+        async def compact_memory() -> CompactResult:
+            return await server.compact()
+
+        fs.compact_memory = compact_memory
     await server.serve(task_status=task_status)
