@@ -137,13 +137,20 @@ def run(
     show_default=True,
     help="Report directory.",
 )
-def demo(workload_path: str | None, designs: tuple[str, ...], out: str) -> None:
-    """Run the desktop workload under all four designs and print the comparison."""
+@click.option(
+    "--inproc", is_flag=True, help="Run the model in this process (no mount, no daemons)."
+)
+def demo(workload_path: str | None, designs: tuple[str, ...], out: str, inproc: bool) -> None:
+    """Run the desktop workload under all four designs on the real stack and compare them."""
     path = Path(workload_path) if workload_path else EXAMPLES / "desktop.toml"
     if not path.is_file():
         raise click.ClickException(f"{path} not found (run from a source checkout)")
     w = _load(str(path))
-    _run_and_report(w, _designs(designs), inproc_factory(), Path(out), None)
+    try:
+        factory = inproc_factory() if inproc else stack_factory(None)
+    except BackendUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    _run_and_report(w, _designs(designs), factory, Path(out), None)
 
 
 @click.command()

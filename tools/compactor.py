@@ -10,6 +10,7 @@ proactive_defer).
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,11 @@ async def compact_remote(
         snap.flags[batch.src[moved]] = PG_FREE
         snap.flags[batch.dst[moved]] = PG_ALLOC | PG_OBJECT
         policy.batch_done(batch, res)
+        if np.any(res == -errno.EBUSY):
+            # Our view went stale (the pool changed under us): look again, keep the scanners.
+            fresh = SnapshotView.from_reply(await core.call("snapshot", {}))
+            snap.flags, snap.pageblock_mt, snap.free = fresh.flags, fresh.pageblock_mt, fresh.free
+            policy.forget_targets()
     s = policy.stats
     if stats is not None:
         stats.passes += 1

@@ -11,6 +11,7 @@ order exists, or the proactive score fell to the low watermark) or COMPLETE (sca
 from __future__ import annotations
 
 import enum
+import errno
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -151,6 +152,7 @@ class CompactionPolicy:
             if len(src) == 0:
                 continue
             src = src[:BATCH_MAX]
+            self._drop_stale_targets(view)
             self._isolate_freepages(view, len(src))
             n = min(len(src), len(self._targets))
             if n == 0:
@@ -161,11 +163,25 @@ class CompactionPolicy:
             self.stats.batches += 1
             return Batch(src[:n], dst)
 
+    def _drop_stale_targets(self, view: PoolView) -> None:
+        """Queued targets someone allocated since the free scanner saw them are dropped."""
+        if not self._targets:
+            return
+        q = np.fromiter(self._targets, dtype=np.int64, count=len(self._targets))
+        fl = view.flags[q]
+        keep = q[((fl & PG_FREE) != 0) & ((fl & PG_TARGET) == 0)]
+        if len(keep) != len(q):
+            self._targets = deque(keep.tolist())
+
+    def forget_targets(self) -> None:
+        """Drop queued targets (the view they came from is stale); the free scanner goes on."""
+        self._targets.clear()
+
     def batch_done(self, batch: Batch, results: npt.NDArray[np.int32]) -> None:
         """Record the outcome. Targets that were not used are free again and may be reused."""
         ok = results == 0
         self.stats.migrated += int(np.count_nonzero(ok))
         self.stats.failed += int(np.count_nonzero(~ok))
         # A target the core refused (-EBUSY: no longer free) is dropped; an unused one returns.
-        unused = batch.dst[(~ok) & (results != -16)]
+        unused = batch.dst[(~ok) & (results != -errno.EBUSY)]
         self._targets.extendleft(reversed(unused.tolist()))

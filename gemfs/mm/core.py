@@ -231,7 +231,8 @@ class MemoryManager:
             pt = np.concatenate((pt, np.full(count - len(pt), -1, dtype=np.int64)))
         elif pt[0] >= 0 and pt[-1] - pt[0] == count - 1:
             head = int(pt[0])
-            if count == 1 or bool(np.all(np.diff(pt) == 1)):
+            run = np.arange(head, head + count, dtype=np.int64)
+            if pt.tobytes() == run.tobytes():  # one run of frames (bytes compare: fastest)
                 return frames[head : head + count].reshape(-1)[lo : lo + n]
         if pt.min() >= 0:
             buf = frames[pt]
@@ -388,9 +389,11 @@ class MemoryManager:
         inrange = (src >= 0) & (src < p.nr_pages) & (dst >= 0) & (dst < p.nr_pages)
         s_c, d_c = np.clip(src, 0, p.nr_pages - 1), np.clip(dst, 0, p.nr_pages - 1)
         want = PG_ALLOC | PG_OBJECT
-        valid = inrange & ((p.flags[s_c] & (want | PG_ISOLATED)) == want)
-        valid &= (p.flags[d_c] & (PG_FREE | PG_TARGET)) == PG_FREE
-        valid &= _first_occurrence(s_c) & _first_occurrence(d_c)
+        src_ok = inrange & ((p.flags[s_c] & (want | PG_ISOLATED)) == want)
+        dst_ok = inrange & ((p.flags[d_c] & (PG_FREE | PG_TARGET)) == PG_FREE)
+        self.vmstat.inc("pgmigrate_stale_src", int(np.count_nonzero(~src_ok)))
+        self.vmstat.inc("pgmigrate_stale_dst", int(np.count_nonzero(src_ok & ~dst_ok)))
+        valid = src_ok & dst_ok & _first_occurrence(s_c) & _first_occurrence(d_c)
         self.buddy.isolate_free(dst[valid])
         self.vmstat.inc("compact_isolated", int(np.count_nonzero(valid)))
         batch.valid = valid
@@ -430,7 +433,9 @@ class MemoryManager:
         permanent = int(np.count_nonzero((res != 0) & (res != -EAGAIN) & (res != -EBUSY)))
         v = self.vmstat
         v.inc("pgmigrate_success", success)
-        v.inc("pgmigrate_fail", n - success)
+        # Like Linux, only pages that were isolated and did not move count as failures; a
+        # page freed (or a target taken) before we got to it is counted as stale instead.
+        v.inc("pgmigrate_fail", int(np.count_nonzero(valid)) - success)
         v.inc("pgmigrate_eagain", eagain)
         v.inc("pgmigrate_permanent", permanent)
         return MigrateOutcome(res, success, eagain, permanent)

@@ -21,6 +21,8 @@ VMSTAT_COUNTERS = (
     "pgmigrate_eagain",
     "pgmigrate_permanent",
     "pgmigrate_aborted",
+    "pgmigrate_stale_src",  # asked to move a page that is no longer a movable object page
+    "pgmigrate_stale_dst",  # asked to move to a frame that is no longer free
     "compact_migrate_scanned",
     "compact_free_scanned",
     "compact_isolated",
