@@ -60,7 +60,5 @@ def bench_migrate_cmd(pages: int, batch: int) -> None:
     click.echo(f"{'callback round trip, one page, p50':<42} {f.single_p50_us:>12,.0f} us")
     click.echo(f"{'callback round trip, batched, p50':<42} {f.p50_us:>12,.0f} us")
     click.echo(f"{'callback round trip, batched, p99':<42} {f.p99_us:>12,.0f} us")
-    click.echo(
-        f"{'baseline: in-process, batched':<42} {f.inproc_pages_s:>12,.0f} pages/s"
-    )
+    click.echo(f"{'baseline: in-process, batched':<42} {f.inproc_pages_s:>12,.0f} pages/s")
     click.echo(f"{'ratio socket / in-process':<42} {f.batched_pages_s / f.inproc_pages_s:>12.2f}")

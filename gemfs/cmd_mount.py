@@ -151,9 +151,7 @@ def _control_services(control: str | None) -> list[daemon.Service]:
     uids = [int(u) for u in os.environ.get("GEMFS_ALLOW_UIDS", "").split(",") if u.strip()]
     timeout = float(os.environ.get("GEMFS_CALLBACK_TIMEOUT", "2.0"))
     return [
-        functools.partial(
-            control_service, path=control, allow_uids=uids, callback_timeout=timeout
-        )
+        functools.partial(control_service, path=control, allow_uids=uids, callback_timeout=timeout)
     ]
 
 

@@ -14,7 +14,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gemfs.mm.types import Design
 from tools.player import RunResult
-from tools.report import rich_table, write_report
 from tools.runner import (
     BackendFactory,
     BackendUnavailable,
@@ -75,6 +74,8 @@ def _run_and_report(
     results = _play(workload, designs, factory, Console(stderr=True))
     elapsed = time.perf_counter() - t0
     records = [r.record for r in results]
+    from tools.report import rich_table, write_report  # matplotlib: only when reporting
+
     files = write_report(workload, results, out)
     if json_file:
         Path(json_file).write_text(json.dumps([r.to_json() for r in records], indent=1) + "\n")

@@ -22,7 +22,7 @@ import trio
 from gemfs.fs import GemFS, Inode, Kind, split_path
 from gemfs.mm import Design, GemObject, MemoryManager, ObjectError
 from gemfs.mm.types import format_size
-from gemfs.mountproc import MountError, check_fuse_device, check_mountpoint
+from gemfs.mountproc import MountError, check_fuse_device, check_mountpoint, mount_device
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class Kernel:
         self.fs = fs
         self.mountpoint = mountpoint
         self.control_path = control_path
+        if control_path is not None:  # tools find the socket of a mount in .gemfs/pool
+            fs.pool_info["control"] = os.path.abspath(control_path)
         self.stopping = trio.Event()  # set when the mount is gone and services should end
 
     @property
@@ -230,21 +232,6 @@ def set_readahead(mountpoint: str, kb: int) -> None:
             f.write(f"{kb}\n")
     except OSError as e:
         log.debug("cannot set read_ahead_kb of %s: %s", dev, e)
-
-
-def mount_device(mountpoint: str) -> str | None:
-    """``major:minor`` of the file system mounted on mountpoint, from /proc/self/mountinfo
-    (a stat of our own mount point would wait for this very loop to answer)."""
-    dev = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4] == mountpoint:
-                    dev = fields[2]  # the last one listed is the top of the stack
-    except OSError:
-        return None
-    return dev
 
 
 async def _run_fuse(

@@ -9,6 +9,11 @@ Inodes are freed the kernel's way: ``unlink`` removes the name; the object's fra
 the allocator when the last open handle closes; the inode itself is dropped at ``forget`` once
 the kernel holds no lookup reference.
 
+Caching: object contents go through the kernel page cache (``keep_cache``, write-through, so
+mmap works and repeated reads never reach us); write-only handles use ``direct_io`` (nothing
+reads through them, and a cached copy would double the object's memory). Writeback caching stays
+off: a write that does not fit the pool must fail with ENOSPC in the writer's own write(2).
+
 ``.gemfs`` at the root is this pool's /proc: stats files in the kernel's formats and writable
 knobs, all served with ``direct_io`` so every read shows the current state.
 """
@@ -142,6 +147,7 @@ class GemFS(pyfuse3.Operations):
     # Write-through, not writeback: a write that does not fit the pool must fail with ENOSPC in
     # the writer's write(2), and the kernel must not hold dirty data the pool never saw.
     enable_writeback_cache = False
+    supports_dot_lookup = True
 
     def __init__(
         self,
@@ -160,6 +166,7 @@ class GemFS(pyfuse3.Operations):
         self.by_object: dict[ObjId, Inode] = {}
         self.faults: dict[str, int] = {}  # handler name -> injected failures still to come
         self.mounted = False  # set by the daemon while the FUSE session exists
+        self.pool_info: dict[str, str] = {}  # more "key value" lines for .gemfs/pool
         self.ready = trio.Event()  # set when the kernel's INIT arrived
         # compact_memory runs this; an integrator may replace it (e.g. to reach a driver).
         self.compact_memory: Callable[[], Awaitable[object]] = self.compact_all
@@ -204,7 +211,7 @@ class GemFS(pyfuse3.Operations):
             ProcFile("extfrag_index", 0o444, show=mm.extfrag_index),
             ProcFile("unusable_index", 0o444, show=mm.unusable_index),
             ProcFile("objects", 0o444, show=lambda: procfs.format_objects(mm)),
-            ProcFile("pool", 0o444, show=lambda: procfs.format_pool(mm)),
+            ProcFile("pool", 0o444, show=lambda: procfs.format_pool(mm, self.pool_info)),
             ProcFile("compact_memory", 0o200, store=store_compact_memory),
             ProcFile(
                 "compaction_proactiveness",
@@ -428,12 +435,16 @@ class GemFS(pyfuse3.Operations):
         inode.opens += 1
         return fh
 
-    def _file_info(self, fh: int, inode: Inode) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int, inode: Inode, flags: int) -> pyfuse3.FileInfo:
         if inode.kind is Kind.PROC:
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         # The page cache stays valid across opens: only this file system changes the frames'
         # content, and whoever else does (the GPU) invalidates explicitly.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A write-only handle bypasses the cache: nobody reads through it, so caching what it
+        # writes would only keep a second copy of the object in memory (and cost the writer
+        # a page-cache fill per write). The kernel drops cached pages a direct write covers.
+        direct = flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=True)
 
     # -- pyfuse3 handlers ---------------------------------------------------------------------
     def init(self) -> None:
@@ -547,7 +558,7 @@ class GemFS(pyfuse3.Operations):
         inode = self.new_file(self._dir(parent_inode), name, mode, ctx.uid, ctx.gid)
         inode.lookups += 1
         fh = self._open_handle(inode)
-        return self._file_info(fh, inode), self.attributes(inode)
+        return self._file_info(fh, inode, flags), self.attributes(inode)
 
     @_handler
     async def symlink(
@@ -643,7 +654,7 @@ class GemFS(pyfuse3.Operations):
                 raise _err(errno.EACCES)
             if acc != os.O_RDONLY and node.proc.store is None:
                 raise _err(errno.EACCES)
-        return self._file_info(self._open_handle(node), node)
+        return self._file_info(self._open_handle(node), node, flags)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -153,15 +153,22 @@ def is_mounted(path: str) -> bool:
     never touches the mount itself, so it answers even when the server hangs or died."""
     path = os.path.abspath(path)  # resolve links in the parent only: never stat the mount
     target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    return mount_device(target) is not None
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """``major:minor`` of what is mounted on mountpoint (the top of the stack), from
+    /proc/self/mountinfo: a stat of a FUSE mount point would wait for its server to answer."""
+    dev = None
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return True
+                if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+                    dev = fields[2]
     except OSError:
-        return os.path.ismount(path)
-    return False
+        return None
+    return dev
 
 
 def _unescape(field: str) -> str:

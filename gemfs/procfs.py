@@ -8,6 +8,7 @@ the text for tests and tools that read a mount.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,8 @@ def parse_objects(text: str) -> list[ObjectLine]:
     return out
 
 
-def format_pool(mm: MemoryManager) -> str:
-    """``key value`` lines: the pool's geometry, design and headline numbers."""
+def format_pool(mm: MemoryManager, extra: Mapping[str, str] | None = None) -> str:
+    """``key value`` lines: the pool's geometry, design and headline numbers (+ ``extra``)."""
     p = mm.pool
     rows = {
         "size": p.size,
@@ -72,6 +73,7 @@ def format_pool(mm: MemoryManager) -> str:
         "free_pages": mm.buddy.free_pages,
         "objects": len(mm.objects),
         "fragmentation_score": mm.fragmentation_score(),
+        **(extra or {}),
     }
     return "".join(f"{k} {v}\n" for k, v in rows.items())
 

@@ -36,6 +36,7 @@ def test_fio_verify(gemfs_mount_factory: Callable[..., GemfsMount], rw: str) -> 
             "--ioengine=psync",
             "--group_reporting",
             "--output-format=json",
+            "--verify_state_save=0",
             "--randrepeat=1",
         ],
         capture_output=True,

@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyfuse3
@@ -18,6 +19,7 @@ from gemfs.fs import GEMFS_DIR, ROOT_INODE, GemFS, Inode, SetAttrs
 from gemfs.mm import MemoryManager, ObjectError
 from gemfs.mm.types import PAGE_SIZE
 from gemfs.mm.vmstat import parse_buddyinfo, parse_index, parse_pagetypeinfo, parse_vmstat
+from gemfs.mountproc import is_mounted, mount_device
 
 CTX = pyfuse3.RequestContext()  # uid 0, gid 0
 
@@ -457,6 +459,7 @@ async def test_kernel_create_resolve_path(kernel: Kernel, fs: GemFS) -> None:
         kernel.resolve("gpu")
     assert info.value.errno == errno.EISDIR
     assert kernel.control_path == "/run/gemfs.sock"
+    assert procfs.parse_pool(await read_proc(fs, "pool"))["control"] == "/run/gemfs.sock"
 
 
 async def test_kernel_hold_keeps_unlinked_object(kernel: Kernel, mm: MemoryManager) -> None:
@@ -503,3 +506,10 @@ def test_layering_plugin_import_is_cheap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_mountinfo_helpers(tmp_path: Path) -> None:
+    assert is_mounted("/")
+    assert mount_device("/") is not None
+    assert not is_mounted(str(tmp_path))
+    assert mount_device(str(tmp_path)) is None

@@ -20,7 +20,7 @@ from gemfs import procfs
 from gemfs.cli import main as cli
 from gemfs.mm.types import PAGE_SIZE
 from gemfs.mm.vmstat import parse_buddyinfo, parse_index, parse_pagetypeinfo, parse_vmstat
-from gemfs.mountproc import is_mounted
+from gemfs.mountproc import is_mounted, mount_device
 from gemfs.testing import GemfsMount, mount_gemfs
 
 pytestmark = pytest.mark.mount
@@ -474,3 +474,24 @@ def test_content_changed_behind_the_cache_is_invalidated(mnt: GemfsMount, work: 
         mnt.write_knob("test_poke", f"{oid} {PAGE_SIZE} {b'GPU!'.hex()}")
         assert p.read_bytes()[PAGE_SIZE - 1 : PAGE_SIZE + 5] == b"AGPU!A"
         assert m[PAGE_SIZE : PAGE_SIZE + 4] == b"GPU!"  # mappings see it too
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may widen a mount's readahead")
+def test_readahead_window_is_widened(mnt: GemfsMount) -> None:
+    dev = mount_device(str(mnt.path))
+    assert dev is not None
+    assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "4096"
+
+
+def test_write_only_handles_bypass_the_cache_and_stay_coherent(work: Path) -> None:
+    p = work / "w"
+    p.write_bytes(b"a" * (2 * PAGE_SIZE))
+    with open(p, "rb") as reader:
+        assert reader.read() == b"a" * (2 * PAGE_SIZE)  # cached now
+        fd = os.open(p, os.O_WRONLY)  # a write-only handle: direct writes, no page cache
+        try:
+            os.pwrite(fd, b"bb", PAGE_SIZE)
+        finally:
+            os.close(fd)
+        reader.seek(0)
+        assert reader.read()[PAGE_SIZE - 1 : PAGE_SIZE + 3] == b"abba"
