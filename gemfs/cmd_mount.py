@@ -37,6 +37,19 @@ DESIGNS = ("pinned", "shmem-hook", "gemfs", "notifier")
     help="Which design to model: " + ", ".join(DESIGNS) + ".",
 )
 @click.option("--control", metavar="PATH", help="Unix socket for the driver and compactor.")
+@click.option(
+    "--allow-uid",
+    "allow_uids",
+    multiple=True,
+    type=click.IntRange(0),
+    help="Also let this uid connect to the control socket (repeatable; socket becomes 0666).",
+)
+@click.option(
+    "--callback-timeout",
+    type=click.FloatRange(0.001),
+    default=None,
+    help="Seconds a driver may take to answer a callback before it counts as -EAGAIN [2].",
+)
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached; log to stderr.")
 @click.option("--log", "log_file", metavar="FILE", help="Background mode: append the log here.")
 @click.option("--debug", is_flag=True, help="Log at debug level.")
@@ -48,6 +61,8 @@ def mount(
     pool: str,
     design: str,
     control: str | None,
+    allow_uids: tuple[int, ...],
+    callback_timeout: float | None,
     foreground: bool,
     log_file: str | None,
     debug: bool,
@@ -56,6 +71,11 @@ def mount(
     ready_fd: int | None,
 ) -> None:
     """Mount gemfs on MOUNTPOINT (in the background unless --foreground)."""
+    # The server (this process, or the background child) reads these when it starts.
+    if allow_uids:
+        os.environ["GEMFS_ALLOW_UIDS"] = ",".join(str(u) for u in allow_uids)
+    if callback_timeout is not None:
+        os.environ["GEMFS_CALLBACK_TIMEOUT"] = str(callback_timeout)
     try:
         _check_args(mountpoint, pool, design)
         if foreground:

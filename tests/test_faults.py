@@ -281,13 +281,13 @@ def _connect_as(uid: int, path: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
-def test_other_uids_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_other_uids_are_refused() -> None:
     with Stack("16MiB", Design.SHMEM_HOOK) as stack:
         assert stack.control.stat().st_mode & 0o777 == 0o600
         r = _connect_as(65534, str(stack.control))
         assert "REFUSED ECONNREFUSED" in r.stdout, r.stdout + r.stderr
-    monkeypatch.setenv("GEMFS_ALLOW_UIDS", "65534")
-    with Stack("16MiB", Design.SHMEM_HOOK) as stack:
+    with Stack("16MiB", Design.SHMEM_HOOK, allow_uids=[65534]) as stack:
+        assert stack.control.stat().st_mode & 0o777 == 0o666
         os.chmod(stack.workdir, 0o755)
         assert _connect_as(65534, str(stack.control)).stdout.strip() == "CONNECTED"
         r = _connect_as(65533, str(stack.control))

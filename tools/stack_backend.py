@@ -63,8 +63,10 @@ class Stack:
         proactiveness: int = 0,
         order: int = 9,
         interval_ms: int = 500,
+        allow_uids: Sequence[int] = (),
     ) -> None:
         self.design = design
+        self.allow_uids = list(allow_uids)
         self.workdir = Path(tempfile.mkdtemp(prefix="gemfs-stack-"))
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._own_mount = mount is None
@@ -103,6 +105,7 @@ class Stack:
                     str(self.control),
                     "--log",
                     str(self.workdir / "mount.log"),
+                    *[f"--allow-uid={u}" for u in self.allow_uids],
                 ],
                 capture_output=True,
                 text=True,
