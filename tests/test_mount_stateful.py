@@ -1,4 +1,5 @@
-"""Random file operations on a real mount against an in-memory model (hypothesis, stateful)."""
+"""Random file operations on a real mount against an in-memory model (hypothesis, stateful),
+with random page migrations and compactions in between: contents never change."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from gemfs import procfs
+from gemfs.control.client import SyncClient
+from gemfs.mm.pool import PG_ALLOC, PG_FREE, PG_OBJECT
+from gemfs.mm.vmstat import parse_vmstat
 from gemfs.mm.types import PAGE_SIZE
 from gemfs.testing import GemfsMount, mount_gemfs
 
@@ -31,7 +36,8 @@ _runs = itertools.count()
 
 @pytest.fixture(scope="module")
 def mnt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GemfsMount]:
-    with mount_gemfs(tmp_path_factory.mktemp("gemfs") / "mnt", pool="16MiB") as m:
+    base = tmp_path_factory.mktemp("gemfs")
+    with mount_gemfs(base / "mnt", pool="16MiB", control=str(base / "ctl")) as m:
         yield m
 
 
@@ -133,6 +139,28 @@ class FileOps(RuleBasedStateMachine):
         finally:
             os.close(fd)
 
+    @rule()
+    def compact_memory(self) -> None:
+        """echo 1 > compact_memory: pages of every file may move."""
+        self.mnt.write_knob("compact_memory", "1")
+
+    @rule(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 64))
+    def migrate_random(self, seed: int, n: int) -> None:
+        """Move random file pages to random free frames, over the control socket."""
+        rng = np.random.default_rng(seed)
+        with SyncClient(str(self.mnt.path.parent / "ctl")) as c:
+            snap = c.call("snapshot")
+            flags = np.frombuffer(snap["flags"], dtype=np.uint8)
+            used = np.flatnonzero((flags & (PG_ALLOC | PG_OBJECT)) == (PG_ALLOC | PG_OBJECT))
+            free = np.flatnonzero(flags & PG_FREE)
+            k = min(n, len(used), len(free))
+            if k == 0:
+                return
+            src = rng.choice(used, k, replace=False).astype("<i8")
+            dst = rng.choice(free, k, replace=False).astype("<i8")
+            out = c.call("migrate", {"src": src.tobytes(), "dst": dst.tobytes()})
+            assert all(r in (0, -11, -16) for r in out["results"]), out["results"]
+
     @invariant()
     def tree_and_contents_match(self) -> None:
         found: dict[str, bytes] = {}
@@ -174,3 +202,4 @@ def test_file_operations_match_a_model(mnt: GemfsMount) -> None:
         ),
     )
     assert procfs.parse_objects(mnt.read_stat("objects")) == []  # nothing leaked
+    assert parse_vmstat(mnt.read_stat("vmstat"))["pgmigrate_success"] > 0  # pages did move
