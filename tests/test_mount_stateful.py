@@ -20,8 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from gemfs import procfs
 from gemfs.control.client import SyncClient
 from gemfs.mm.pool import PG_ALLOC, PG_FREE, PG_OBJECT
-from gemfs.mm.vmstat import parse_vmstat
 from gemfs.mm.types import PAGE_SIZE
+from gemfs.mm.vmstat import parse_vmstat
 from gemfs.testing import GemfsMount, mount_gemfs
 
 pytestmark = pytest.mark.mount
