@@ -353,23 +353,13 @@ def test_missing_kernel_is_one_clear_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# One real boot (TCG: ~6 s to /init, ~4 s for movable, ~3 s for pinned at 512 MiB).
-
-
-@pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
-    log_dir = tmp_path_factory.mktemp("guest")
-    try:
-        run = run_guest(["movable", "pinned"], log_dir, memory_mib=512, timeout_s=100)
-    except GuestUnavailable as exc:
-        pytest.skip(f"cannot boot a Linux guest here: {exc}")
-    return run
+# One real boot, shared with tests/test_calibrate.py (the session fixture in tests/conftest.py).
 
 
 @pytest.mark.qemu
-def test_guest_movable_compacts_and_pinned_does_not(booted: GuestRun) -> None:
-    movable, pinned = booted.results["movable"], booted.results["pinned"]
-    where = f"(see {booted.results_log})"
+def test_guest_movable_compacts_and_pinned_does_not(booted_guest: GuestRun) -> None:
+    movable, pinned = booted_guest.results["movable"], booted_guest.results["pinned"]
+    where = f"(see {booted_guest.results_log})"
     for result in (movable, pinned):
         # 80% of ~430 MiB free in 1 MiB chunks, every other one freed.
         assert result.chunks_freed >= 100, where
