@@ -51,6 +51,18 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str) -
         time.sleep(0.02)
 
 
+def _connect(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> SyncClient:
+    """Connect once the socket accepts (it exists a moment before it listens)."""
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        try:
+            return SyncClient(str(sock), name="gemfs-run")
+        except CallError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"cannot connect to the driver at {sock}; log: {log}") from None
+            time.sleep(0.02)
+
+
 class Stack:
     """mount + driver (+ proactive compactor) as separate processes; clients to both."""
 
@@ -127,7 +139,7 @@ class Stack:
         cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
         drv = self._spawn("driver", [*_gemfs(), *cmd])
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
-        self.drv = SyncClient(str(self.driver_sock), name="gemfs-run")
+        self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
         if proactiveness > 0:
             self.start_compactor(proactiveness=proactiveness, order=order, interval_ms=interval_ms)
 
@@ -146,7 +158,7 @@ class Stack:
         cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
         drv = self._spawn("driver", [*_gemfs(), *cmd])
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
-        self.drv = SyncClient(str(self.driver_sock), name="gemfs-run")
+        self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
 
     def start_compactor(
         self, *, proactiveness: int, order: int = 9, interval_ms: int = 500

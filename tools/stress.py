@@ -266,7 +266,11 @@ class Stress:
             except (CallError, OSError, KeyError) as e:
                 if self.stop.is_set():
                     return
-                self._recover_driver(stack, f"{type(e).__name__}: {e}")
+                try:
+                    self._recover_driver(stack, f"{type(e).__name__}: {e}")
+                except (CallError, OSError, StackError) as e2:
+                    self.report.errors.append(f"driver restart failed: {e2}")
+                    return
             time.sleep(0.005)
 
     def _recover_driver(self, stack: Stack, why: str) -> None:
@@ -304,6 +308,17 @@ class Stress:
                     stack.procs.remove(("compactor", proc))
                 stack.start_compactor(proactiveness=60, interval_ms=200)
             else:
+                if what < 0.85:
+                    # Keep many objects busy longer than the callback timeout, then compact
+                    # synchronously: the callbacks wait for the GPU and time out.
+                    try:
+                        with self.lock:
+                            live = [oid for oid, _crc in self.objects.values()]
+                            ids = rng.sample(live, min(len(live), 32))
+                            if ids:
+                                stack.drv.call("exec", {"objs": ids, "duration_ms": 1500})
+                    except (CallError, OSError):
+                        pass  # the driver may be down; the GPU thread restarts it
                 try:
                     stack.compact_once()
                     self.report.compactions += 1
