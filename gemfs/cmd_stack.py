@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -48,12 +49,17 @@ def driver_cmd(control: str, listen: str | None, name: str, verbose: bool) -> No
             await run_driver(control, listen, name)
             nursery.cancel_scope.cancel()
 
+    _run_trio("driver", main)
+
+
+def _run_trio(what: str, main: Callable[[], Awaitable[None]]) -> None:
+    """trio.run with the errors a user can cause (socket, protocol) as one line."""
+    import trio
+
     try:
         trio.run(main)
-    except* CallError as eg:
-        raise click.ClickException(f"driver: {_leaf(eg)}") from None
-    except* OSError as eg:
-        raise click.ClickException(f"driver: {_leaf(eg)}") from None
+    except* (CallError, OSError) as eg:
+        raise click.ClickException(f"{what}: {_leaf(eg)}") from None
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -105,12 +111,7 @@ def compactor_cmd(
             )
             nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(main)
-    except* CallError as eg:
-        raise click.ClickException(f"compactor: {_leaf(eg)}") from None
-    except* OSError as eg:
-        raise click.ClickException(f"compactor: {_leaf(eg)}") from None
+    _run_trio("compactor", main)
     if result:
         s = result[0]
         click.echo(
