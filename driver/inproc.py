@@ -15,7 +15,7 @@ import numpy as np
 from driver.gem import I64, DriverObject, GemDriver
 from gemfs.mm import GemObject, MemoryManager, MigrateMode, MigrationCore
 from gemfs.mm.ops import Results
-from gemfs.mm.types import Design, MigrateType
+from gemfs.mm.types import Design
 
 EAGAIN = errno.EAGAIN
 
@@ -137,7 +137,3 @@ class InprocDriver:
             self.clock.advance(wait)
         core.unpin_pages(self.gem.invalidate(o, start, count))
         return 0
-
-
-def gem_migratetype(design: Design) -> MigrateType:
-    return design.gem_migratetype

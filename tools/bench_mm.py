@@ -10,7 +10,7 @@ import numpy as np
 from driver.gem import DriverObject
 from driver.inproc import InprocDriver
 from gemfs.mm import PAGE_SIZE, Design, MemoryManager, MigrateMode, MigrateType
-from gemfs.mm.types import format_size, parse_size
+from gemfs.mm.types import format_size
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,3 @@ def bench_mm(size: str = "4GiB", big: str = "16GiB", pairs: int = 200_000) -> li
     finally:
         mm.close()
     return figs
-
-
-def pool_bytes(size: str) -> int:
-    return parse_size(size)

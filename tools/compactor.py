@@ -22,7 +22,7 @@ import trio
 from gemfs.control.peer import Peer, connect
 from gemfs.mm.compaction import CompactionPolicy, CompactResult
 from gemfs.mm.pool import PG_ALLOC, PG_FREE, PG_OBJECT
-from gemfs.mm.types import PAGEBLOCK_NR_PAGES, MigrateMode
+from gemfs.mm.types import MigrateMode
 from gemfs.mm.vmstat import fragmentation_score, proactive_watermarks
 
 log = logging.getLogger("gemfs.compactor")
@@ -170,7 +170,3 @@ async def run_compactor(
         finally:
             nursery.cancel_scope.cancel()
     return stats
-
-
-def pageblocks(nr_pages: int) -> int:
-    return nr_pages // PAGEBLOCK_NR_PAGES
