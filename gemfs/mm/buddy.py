@@ -52,29 +52,36 @@ class BuddyAllocator:
         self.free_pages = 0
         self.steals = 0  # pageblocks whose type a fallback changed
         self.fallbacks = 0  # allocations served from another type's list
+        # Scalar access through memoryviews is several times cheaper than numpy indexing;
+        # vectorized work still goes through the numpy arrays (the same memory).
+        self._flags = pool.flags.data
+        self._order = pool.order.data
+        self._prev = pool.owner.data
+        self._next = pool.index.data
+        pool.flags[:] = PG_FREE
         for pfn in range(0, pool.nr_pages, 1 << MAX_ORDER):
             self._add(pfn, MAX_ORDER, pool.get_pageblock_migratetype(pfn), tail=True)
             self.free_pages += 1 << MAX_ORDER
 
     # -- free lists -------------------------------------------------------------------------
     def _add(self, pfn: int, order: int, mt: int, *, tail: bool = False) -> None:
-        p = self.pool
-        n = 1 << order
-        p.flags[pfn : pfn + n] = PG_FREE
-        p.owner[pfn : pfn + n] = OWNER_NONE
-        p.index[pfn : pfn + n] = NIL
-        p.flags[pfn] = PG_FREE | PG_BUDDY | (mt << PG_MT_SHIFT)
-        p.order[pfn] = order
+        # The block's frames already carry PG_FREE (and no owner): whoever frees frames marks
+        # them, so queueing a block touches its head only.
+        prev_, next_ = self._prev, self._next
+        self._flags[pfn] = PG_FREE | PG_BUDDY | (mt << PG_MT_SHIFT)
+        self._order[pfn] = order
         if tail and self.tail[order][mt] != NIL:
             last = self.tail[order][mt]
-            p.index[last] = pfn
-            p.owner[pfn] = last
+            next_[last] = pfn
+            prev_[pfn] = last
+            next_[pfn] = NIL
             self.tail[order][mt] = pfn
         else:
             first = self.head[order][mt]
-            p.index[pfn] = first
+            next_[pfn] = first
+            prev_[pfn] = NIL
             if first != NIL:
-                p.owner[first] = pfn
+                prev_[first] = pfn
             else:
                 self.tail[order][mt] = pfn
             self.head[order][mt] = pfn
@@ -82,21 +89,21 @@ class BuddyAllocator:
 
     def _del(self, pfn: int) -> tuple[int, int]:
         """Take a free head off its list; returns (order, mt). Frames keep PG_FREE."""
-        p = self.pool
-        order = int(p.order[pfn])
-        mt = (int(p.flags[pfn]) & PG_MT_MASK) >> PG_MT_SHIFT
-        prev, nxt = int(p.owner[pfn]), int(p.index[pfn])
+        prev_, next_ = self._prev, self._next
+        order = self._order[pfn]
+        mt = (self._flags[pfn] & PG_MT_MASK) >> PG_MT_SHIFT
+        prev, nxt = prev_[pfn], next_[pfn]
         if prev != NIL:
-            p.index[prev] = nxt
+            next_[prev] = nxt
         else:
             self.head[order][mt] = nxt
         if nxt != NIL:
-            p.owner[nxt] = prev
+            prev_[nxt] = prev
         else:
             self.tail[order][mt] = prev
-        p.flags[pfn] = PG_FREE
-        p.owner[pfn] = OWNER_NONE
-        p.index[pfn] = NIL
+        self._flags[pfn] = PG_FREE
+        prev_[pfn] = OWNER_NONE
+        next_[pfn] = NIL
         self.nr_free[order][mt] -= 1
         return order, mt
 
@@ -251,12 +258,12 @@ class BuddyAllocator:
     # -- freeing ----------------------------------------------------------------------------
     def _free_one(self, pfn: int, order: int) -> None:
         """__free_one_page(): merge with free buddies, then queue the block."""
-        p = self.pool
-        mt = int(p.pageblock_mt[pfn >> PAGEBLOCK_ORDER])
+        flags, orders = self._flags, self._order
+        mt = int(self.pool.pageblock_mt[pfn >> PAGEBLOCK_ORDER])
         size = 1 << order
         while order < MAX_ORDER:
             buddy = pfn ^ (1 << order)
-            if not (p.flags[buddy] & PG_BUDDY) or p.order[buddy] != order:
+            if not (flags[buddy] & PG_BUDDY) or orders[buddy] != order:
                 break
             self._del(buddy)
             pfn &= ~(1 << order)
@@ -267,11 +274,14 @@ class BuddyAllocator:
         if order < MAX_ORDER - 1:
             higher = (pfn ^ (1 << order)) & ~((1 << (order + 1)) - 1)
             hb = higher ^ (1 << (order + 1))
-            tail = bool(p.flags[hb] & PG_BUDDY) and int(p.order[hb]) == order + 1
+            tail = bool(flags[hb] & PG_BUDDY) and orders[hb] == order + 1
         self._add(pfn, order, mt, tail=tail)
         self.free_pages += size
 
     def free_block(self, pfn: int, order: int) -> None:
+        """Free one allocated block (its frames must carry no owner)."""
+        n = 1 << order
+        self.pool.flags[pfn : pfn + n] = PG_FREE
         self._free_one(pfn, order)
 
     def free_pfns(self, pfns: I64) -> None:
@@ -280,7 +290,7 @@ class BuddyAllocator:
             return
         p = self.pool
         pfns = np.unique(pfns)
-        p.flags[pfns] = 0
+        p.flags[pfns] = PG_FREE
         p.pin[pfns] = 0
         p.owner[pfns] = OWNER_NONE
         p.index[pfns] = NIL
