@@ -81,12 +81,22 @@ async def _cancel_on_signal(scope: Any) -> None:
 @click.command("compactor")
 @click.option("--control", required=True, help="The mount's control socket.")
 @click.option("--order", default=9, show_default=True, type=click.IntRange(0, 10))
-@click.option("--proactiveness", default=20, show_default=True, type=click.IntRange(0, 100))
+@click.option(
+    "--proactiveness",
+    default=None,
+    type=click.IntRange(0, 100),
+    help="0..100; default: the mount's .gemfs/compaction_proactiveness knob (20), read live.",
+)
 @click.option("--once", is_flag=True, help="Compact the whole pool once and exit.")
 @click.option("--interval-ms", default=500, show_default=True, type=click.IntRange(10, 60000))
 @click.option("-v", "--verbose", is_flag=True)
 def compactor_cmd(
-    control: str, order: int, proactiveness: int, once: bool, interval_ms: int, verbose: bool
+    control: str,
+    order: int,
+    proactiveness: int | None,
+    once: bool,
+    interval_ms: int,
+    verbose: bool,
 ) -> None:
     """Run kcompactd's part from outside: proactive compaction, or one full pass (--once)."""
     import trio

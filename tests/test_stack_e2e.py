@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -114,3 +115,29 @@ def test_compact_memory_knob_reaches_the_driver(design: Design) -> None:
             > 0
         )
         assert stack.drv.call("verify") == {"bad_objects": 0, "data_errors": 0}
+
+
+def test_proactiveness_knob_drives_the_compactor_process() -> None:
+    """The compactor reads .gemfs/compaction_proactiveness at every wake, like the sysctl."""
+    with Stack(f"{POOL_MIB}MiB", Design.SHMEM_HOOK) as stack:
+        stack.mountpoint.joinpath(".gemfs", "compaction_proactiveness").write_text("0\n")
+        stack.start_compactor(proactiveness=None, interval_ms=50)
+        objs = []
+        for _ in range(POOL_MIB * 9 // 10):
+            r = stack.drv.call("create", {"size": 1 << 20})
+            stack.drv.call("exec", {"objs": [r["obj"]], "duration_ms": 0, "write": True})
+            objs.append(r)
+        for r in objs[::2]:
+            stack.drv.call("close", {"obj": r["obj"]})
+        score = stack.core.call("fragmentation")["score"]
+        assert score > 50
+        time.sleep(0.5)
+        assert stack.core.call("fragmentation")["score"] == score  # knob 0: nothing happens
+        stack.mountpoint.joinpath(".gemfs", "compaction_proactiveness").write_text("90\n")
+        deadline = time.monotonic() + 20
+        while stack.core.call("fragmentation")["score"] > 20:  # low watermark = 100 - 90
+            assert time.monotonic() < deadline, "the compactor never reacted to the knob"
+            time.sleep(0.1)
+        vm = stack.core.call("stats")["vmstat"]
+        assert vm["proactive_compact_trigger"] >= 1
+        assert vm["compact_daemon_wake"] >= 1

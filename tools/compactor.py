@@ -117,9 +117,13 @@ async def compact_remote(
 
 
 async def proactive_loop(
-    core: Peer, proactiveness: int, interval: float, stats: CompactorStats
+    core: Peer, proactiveness: int | None, interval: float, stats: CompactorStats
 ) -> None:
-    """kcompactd's proactive compaction: wake, compare the score, compact, back off."""
+    """kcompactd's proactive compaction: wake, compare the score, compact, back off.
+
+    With ``proactiveness`` None the mount's own knob (``.gemfs/compaction_proactiveness``) is
+    read at every wake-up, as kcompactd reads the sysctl.
+    """
     defer = 0
     backoff = 1
     while True:
@@ -130,19 +134,18 @@ async def proactive_loop(
             defer -= 1
             stats.deferred += 1
             continue
-        if proactiveness <= 0:
+        r = await core.call("fragmentation", {})
+        p = int(r["proactiveness"]) if proactiveness is None else proactiveness
+        if p <= 0:
             continue
-        r = await core.call("stats", {})
         score = fragmentation_score(r["free"])
-        _low, high = proactive_watermarks(proactiveness)
+        _low, high = proactive_watermarks(p)
         if score <= high:
             backoff = 1
             continue
         await core.call("report", {"counters": {"proactive_compact_trigger": 1}})
-        await compact_remote(
-            core, mode=MigrateMode.SYNC_LIGHT, proactiveness=proactiveness, stats=stats
-        )
-        after = fragmentation_score((await core.call("stats", {}))["free"])
+        await compact_remote(core, mode=MigrateMode.SYNC_LIGHT, proactiveness=p, stats=stats)
+        after = fragmentation_score((await core.call("fragmentation", {}))["free"])
         if after >= score:  # no progress: don't hammer the owners
             defer = backoff
             backoff = min(backoff * 2, MAX_DEFER)
@@ -154,7 +157,7 @@ async def run_compactor(
     control: str,
     *,
     order: int = 9,
-    proactiveness: int = 20,
+    proactiveness: int | None = None,
     once: bool = False,
     interval: float = 0.5,
 ) -> CompactorStats:

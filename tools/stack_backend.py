@@ -161,14 +161,16 @@ class Stack:
         self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
 
     def start_compactor(
-        self, *, proactiveness: int, order: int = 9, interval_ms: int = 500
+        self, *, proactiveness: int | None, order: int = 9, interval_ms: int = 500
     ) -> None:
         """Start a proactive compactor process (another one may already run).
 
         ``order`` < 0 (a workload's "no order-driven wake-ups") leaves the compactor's default.
         """
         args = [*_gemfs(), "compactor", "--control", str(self.control)]
-        args += ["--proactiveness", str(proactiveness), "--interval-ms", str(max(10, interval_ms))]
+        args += ["--interval-ms", str(max(10, interval_ms))]
+        if proactiveness is not None:  # else the mount's knob decides
+            args += ["--proactiveness", str(proactiveness)]
         if order >= 0:
             args += ["--order", str(order)]
         self._spawn("compactor", args)

@@ -29,8 +29,13 @@ from gemfs.mm.core import MigrateOutcome, MigrationBatch, MigrationRequest
 from gemfs.mm.ops import SHMEM_OPS, MigrationCore, Results
 from gemfs.mm.pool import I64, Bools
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
+from gemfs.mm.vmstat import VMSTAT_COUNTERS
 
 log = logging.getLogger("gemfs.control")
+# What a compactor process may add to the pool's vmstat (its own scanning and wake-ups).
+COMPACTOR_COUNTERS = frozenset(
+    k for k in VMSTAT_COUNTERS if k.startswith(("compact_", "proactive_compact"))
+)
 EAGAIN = errno.EAGAIN
 
 
@@ -420,6 +425,12 @@ class ControlServer:
                 return {"result": result.value, "free": mm.free_blocks_per_order()}
             case "stats":
                 return self.stats_dict()
+            case "fragmentation":  # cheap: what kcompactd looks at on every wake-up
+                return {
+                    "free": mm.free_blocks_per_order(),
+                    "score": mm.fragmentation_score(),
+                    "proactiveness": mm.compaction_proactiveness,
+                }
             case "frames":
                 obj = self._owned(state, args) if role != "client" else self._any(args)
                 return obj.pages.tolist()
@@ -434,7 +445,7 @@ class ControlServer:
                 if not isinstance(counters, dict):
                     raise _err(errno.EINVAL, "counters must be a map")
                 for k, v in counters.items():
-                    if isinstance(k, str) and k.startswith("compact") and isinstance(v, int):
+                    if k in COMPACTOR_COUNTERS and isinstance(v, int):
                         mm.vmstat.inc(k, max(0, v))
                 return 0
             case "alloc" if role == "client":
