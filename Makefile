@@ -2,8 +2,6 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev fio \
-	qemu-system-x86 linux-image-amd64 busybox-static
 STAMP_SYS := .setup-system.stamp
 STAMP_VENV := $(VENV)/.installed
 
@@ -11,14 +9,8 @@ STAMP_VENV := $(VENV)/.installed
 
 setup: $(STAMP_SYS) $(STAMP_VENV)
 
-$(STAMP_SYS):
-	@missing=""; for p in $(APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing system packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+$(STAMP_SYS): tools/setup-system.sh
+	@bash tools/setup-system.sh
 	@touch $@
 
 $(STAMP_VENV): pyproject.toml $(STAMP_SYS)
