@@ -24,6 +24,8 @@ from gemfs.mm.pool import map_frames
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateMode
 
 log = logging.getLogger("gemfs.driver")
+# How long binding waits for pages the core is migrating (callbacks may wait for other GPUs).
+BIND_PATIENCE_S = 20.0
 
 
 def _err(code: int, message: str) -> CallError:
@@ -130,15 +132,18 @@ class DriverDaemon:
             await ev.wait()
             ev = self.migrating.get(o.id)
         if self.gem.needs_bind(o):
-            for _ in range(100):
-                try:
-                    r = await self.core.call("pin", {"obj": o.id, "start": 0, "count": o.nr_pages})
-                    break
-                except CallError as e:
-                    if e.errno != "EAGAIN":
-                        raise
-                    await trio.sleep(0.005)
-            else:
+            r = None
+            with trio.move_on_after(BIND_PATIENCE_S):
+                while r is None:
+                    try:
+                        r = await self.core.call(
+                            "pin", {"obj": o.id, "start": 0, "count": o.nr_pages}
+                        )
+                    except CallError as e:
+                        if e.errno != "EAGAIN":
+                            raise
+                        await trio.sleep(0.01)  # a page is mid-migration: let it land
+            if r is None:
                 raise _err(errno.EAGAIN, f"object {o.id} stays busy migrating")
             frames = np.frombuffer(r["frames"], dtype="<i8").astype(np.int64)
             self.gem.bind(o, frames)

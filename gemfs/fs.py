@@ -39,6 +39,7 @@ from gemfs import procfs
 from gemfs.mm import CompactionPolicy, GemObject, MemoryManager, MigrateMode, ObjectError, ObjId
 from gemfs.mm.types import PAGE_SIZE, OutOfMemory
 
+MIGRATION_WAIT_S = 30.0  # longest a truncate waits for pages being migrated
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
@@ -502,8 +503,18 @@ class GemFS(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         node = self.inode(inode)
-        self.apply_setattr(node, changes)
-        return self.attributes(node)
+        # A truncate that would cut pages mid-migration waits for the batch to land (the
+        # kernel would wait on the page lock); callbacks are time-boxed, so this is bounded.
+        with trio.move_on_after(MIGRATION_WAIT_S):
+            while True:
+                try:
+                    self.apply_setattr(node, changes)
+                    return self.attributes(node)
+                except ObjectError as e:
+                    if e.errno != errno.EAGAIN:
+                        raise
+                await trio.sleep(0.005)
+        raise _err(errno.EBUSY)
 
     def apply_setattr(self, inode: Inode, ch: SetAttrs) -> None:
         now = time.time_ns()

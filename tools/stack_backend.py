@@ -213,6 +213,9 @@ class Stack:
             subprocess.run([*_gemfs(), "umount", str(self.mountpoint)], capture_output=True)
             if os.path.ismount(self.mountpoint):
                 subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        if os.environ.get("GEMFS_KEEP_STACK"):
+            print(f"gemfs: kept {self.workdir}", file=sys.stderr)
+            return
         with contextlib.suppress(OSError):
             shutil.rmtree(self.workdir)
 

