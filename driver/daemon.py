@@ -18,6 +18,7 @@ import numpy as np
 import trio
 
 from driver.gem import DriverObject, GemDriver
+from gemfs.control.arrays import pack_i32
 from gemfs.control.peer import CallError, Peer, connect, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
 from gemfs.mm.pool import map_frames
@@ -291,7 +292,7 @@ class DriverDaemon:
                 idx = _arr(a.get("idx"))
                 o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
                 if o is None:  # a file we do not use (gemfs design): move it freely
-                    return {"results": [0] * len(idx)}
+                    return {"results": pack_i32(np.zeros(len(idx)))}
                 st = self.gem.stats
                 st.migrate_calls += 1
                 st.migrate_pages += len(idx)
@@ -300,8 +301,8 @@ class DriverDaemon:
                 if not await self._wait_idle(o, mode):
                     st.migrate_eagain += len(idx)
                     self.migrating.pop(o.id).set()
-                    return {"results": [-errno.EAGAIN] * len(idx)}
-                return {"results": [0] * len(idx)}
+                    return {"results": pack_i32(np.full(len(idx), -errno.EAGAIN))}
+                return {"results": pack_i32(np.zeros(len(idx)))}
             case "invalidate":
                 o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
                 if o is None:
@@ -320,7 +321,12 @@ class DriverDaemon:
         o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
         if o is not None:
             idx, dst = _arr(a.get("idx")), _arr(a.get("dst"))
-            ok = np.asarray(a.get("ok", []), dtype=np.bool_)
+            raw = a.get("ok", b"")
+            ok = (
+                np.frombuffer(raw, dtype=np.uint8).astype(np.bool_)
+                if isinstance(raw, bytes)
+                else np.asarray(raw, dtype=np.bool_)
+            )
             if len(ok) == len(idx) == len(dst):
                 self.gem.migrate_commit(o, idx[ok], dst[ok])
         ev = self.migrating.pop(int(a.get("obj", 0)), None)

@@ -57,6 +57,7 @@ def bench_migrate_cmd(pages: int, batch: int) -> None:
     click.echo(f"{'one page per round trip':<42} {f.single_pages_s:>12,.0f} pages/s")
     click.echo(f"{f'batched ({f.batch} pages a call)':<42} {f.batched_pages_s:>12,.0f} pages/s")
     click.echo(f"{'ratio batched / one page':<42} {f.batched_pages_s / f.single_pages_s:>12.1f} x")
+    click.echo(f"{f'batched ({f.big_batch} pages a call)':<42} {f.big_pages_s:>12,.0f} pages/s")
     click.echo(f"{'callback round trip, one page, p50':<42} {f.single_p50_us:>12,.0f} us")
     click.echo(f"{'callback round trip, batched, p50':<42} {f.p50_us:>12,.0f} us")
     click.echo(f"{'callback round trip, batched, p99':<42} {f.p99_us:>12,.0f} us")

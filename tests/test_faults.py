@@ -18,6 +18,7 @@ import msgpack
 import pytest
 import trio
 
+from gemfs.control import arrays
 from gemfs.control.client import SyncClient
 from gemfs.control.peer import CallError, Peer, connect
 from gemfs.control.protocol import Call, Reply
@@ -155,7 +156,7 @@ def _migrate_object(stack: Stack, obj: int) -> list[int]:
     out = stack.core.call(
         "migrate", {"src": src.astype("<i8").tobytes(), "dst": free.astype("<i8").tobytes()}
     )
-    return list(out["results"])
+    return list(arrays.results(out["results"]).tolist())
 
 
 async def test_silent_and_lying_drivers_are_cut_off(hook_stack: Stack) -> None:

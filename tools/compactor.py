@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from gemfs.control import arrays
 from gemfs.control.peer import Peer, connect
 from gemfs.mm.compaction import CompactionPolicy, CompactResult
 from gemfs.mm.pool import PG_ALLOC, PG_FREE, PG_OBJECT
@@ -83,7 +84,7 @@ async def compact_remote(
                 "mode": mode.name.lower(),
             },
         )
-        res = np.asarray(r["results"], dtype=np.int32)
+        res = arrays.results(r["results"])
         snap.free = list(r["free"])
         moved = res == 0
         snap.flags[batch.src[moved]] = PG_FREE

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
+from gemfs.control import arrays
+from gemfs.control.arrays import pack_i32
 from gemfs.control.peer import CallError, Credentials, Peer, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
 from gemfs.mm import CompactionPolicy, CompactResult, GemObject, MemoryManager, MigrateMode
@@ -418,7 +420,7 @@ class ControlServer:
                 if len(src) != len(dst):
                     raise _err(errno.EINVAL, "src and dst differ in length")
                 out = await self.migrate_pages(src, dst, _mode(args))
-                return {"results": out.results.tolist(), "free": mm.free_blocks_per_order()}
+                return {"results": pack_i32(out.results), "free": mm.free_blocks_per_order()}
             case "compact" if role in ("compactor", "client"):
                 order = _int(args, "order", 0, MAX_ORDER) if args.get("order", -1) != -1 else -1
                 result = await self.compact(order, _mode(args))
@@ -524,15 +526,23 @@ class ControlServer:
         async with self.migrate_lock:
             with trio.CancelScope(shield=True):
                 batch = self.mm.migrate_begin(src, dst, mode)
-                for req in batch.requests:
-                    try:
-                        res = await self._run_request(batch, req, mode)
-                    except Exception:
-                        log.exception("migration of object %d failed", req.obj.id)
-                        res = self._abort_request(req)
-                    self.mm.migrate_finish_request(batch, req, res)
+                # Each object's share goes to its owner at the same time (they are disjoint),
+                # so a batch costs about one callback round trip, not one per object.
+                async with trio.open_nursery() as nursery:
+                    for req in batch.requests:
+                        nursery.start_soon(self._run_one, batch, req, mode)
                 return self.mm.migrate_end(batch)
         raise AssertionError("unreachable")  # pragma: no cover - a shielded scope returns
+
+    async def _run_one(
+        self, batch: MigrationBatch, req: MigrationRequest, mode: MigrateMode
+    ) -> None:
+        try:
+            res = await self._run_request(batch, req, mode)
+        except Exception:
+            log.exception("migration of object %d failed", req.obj.id)
+            res = self._abort_request(req)
+        self.mm.migrate_finish_request(batch, req, res)
 
     def _abort_request(self, req: MigrationRequest) -> Results:
         """Something broke mid-request: every page that did not reach its target goes back."""
@@ -578,10 +588,13 @@ class ControlServer:
                 },
                 answer_within=self.callback_timeout,
             )
-            got = answer.get("results") if isinstance(answer, dict) else None
-            if not isinstance(got, list) or len(got) != len(ii):
+            try:
+                got = arrays.results(answer.get("results") if isinstance(answer, dict) else None)
+            except ValueError:
+                raise CallError("EPROTO", "migrate answer is not a list of results") from None
+            if len(got) != len(ii):
                 raise CallError("EPROTO", "migrate answer has the wrong shape")
-            out = np.asarray(got, dtype=np.int32)
+            out = got
         except CallError as e:
             if e.errno == "ETIMEDOUT":
                 mm.vmstat.inc("gem_callback_timeouts")
@@ -616,7 +629,7 @@ class ControlServer:
                         "obj": obj.id,
                         "idx": idx.astype("<i8").tobytes(),
                         "dst": dst.astype("<i8").tobytes(),
-                        "ok": (res[ii] == 0).tolist(),
+                        "ok": (res[ii] == 0).astype(np.uint8).tobytes(),
                     },
                 )
             except CallError:
