@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from tools.calibrate.procfs import (
     PAGEBLOCK_ORDER,
@@ -153,8 +153,63 @@ class KernelSnapshot:
         }
 
 
+class Order9Snapshot(Protocol):
+    """What both sides' snapshots tell about 2 MiB blocks."""
+
+    @property
+    def order9_blocks(self) -> int: ...
+
+    @property
+    def ideal_order9(self) -> int: ...
+
+    @property
+    def order9_fraction(self) -> float: ...
+
+
+class Order9Outcome:
+    """The derived figures the kernel's and the model's results share (one definition)."""
+
+    def _sides(self) -> tuple[Order9Snapshot, Order9Snapshot, int]:
+        """(before compaction, after compaction, huge pages obtained)."""
+        raise NotImplementedError
+
+    @property
+    def ideal_order9(self) -> int:
+        """free_pages // 512 after compaction: the most 2 MiB blocks the free memory could be."""
+        return self._sides()[1].ideal_order9
+
+    @property
+    def order9_before(self) -> int:
+        return self._sides()[0].order9_blocks
+
+    @property
+    def order9_after(self) -> int:
+        return self._sides()[1].order9_blocks
+
+    @property
+    def fraction_before(self) -> float:
+        return self._sides()[0].order9_fraction
+
+    @property
+    def fraction_after(self) -> float:
+        return self._sides()[1].order9_fraction
+
+    @property
+    def recovered_fraction(self) -> float:
+        """Share of the missing 2 MiB blocks that compaction won back:
+        (after − before) / (ideal − before). Unlike ``fraction_after`` it ignores the free memory
+        the scenario never touched (the 20% left unfilled stays in large blocks throughout)."""
+        missing = self.ideal_order9 - self.order9_before
+        return (self.order9_after - self.order9_before) / missing if missing > 0 else 1.0
+
+    @property
+    def hugepages_fraction(self) -> float:
+        huge = self._sides()[2]
+        return huge / self.ideal_order9 if self.ideal_order9 else 0.0
+
+
 @dataclass(frozen=True)
-class KernelResult:
+class KernelResult(Order9Outcome):
     """One scenario as the real kernel played it."""
 
     scenario: Scenario
@@ -181,38 +236,8 @@ class KernelResult:
         """Counter changes across compact_memory (compact_*, pgmigrate_*, nr_free_pages...)."""
         return vmstat_delta(self.before.vmstat, self.after.vmstat)
 
-    @property
-    def ideal_order9(self) -> int:
-        """free_pages // 512 after compaction: the most 2 MiB blocks the free memory could be."""
-        return self.after.ideal_order9
-
-    @property
-    def order9_before(self) -> int:
-        return self.before.order9_blocks
-
-    @property
-    def order9_after(self) -> int:
-        return self.after.order9_blocks
-
-    @property
-    def fraction_before(self) -> float:
-        return self.before.order9_fraction
-
-    @property
-    def fraction_after(self) -> float:
-        return self.after.order9_fraction
-
-    @property
-    def recovered_fraction(self) -> float:
-        """Share of the missing 2 MiB blocks that compaction won back:
-        (after − before) / (ideal − before). Unlike ``fraction_after`` it ignores the free memory
-        the scenario never touched (the 20% left unfilled stays in large blocks throughout)."""
-        missing = self.ideal_order9 - self.order9_before
-        return (self.order9_after - self.order9_before) / missing if missing > 0 else 1.0
-
-    @property
-    def hugepages_fraction(self) -> float:
-        return self.hugepages_obtained / self.ideal_order9 if self.ideal_order9 else 0.0
+    def _sides(self) -> tuple[Order9Snapshot, Order9Snapshot, int]:
+        return self.before, self.after, self.hugepages_obtained
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from gemfs.mm.types import (
     PAGEBLOCK_ORDER,
     Design,
 )
-from tools.calibrate.guest import KernelResult, Scenario
+from tools.calibrate.guest import KernelResult, Order9Outcome, Order9Snapshot, Scenario
 from tools.calibrate.procfs import blocks_of_order, pages_in
 
 PAGE_KIB = PAGE_SIZE >> 10
@@ -196,7 +196,7 @@ class ModelSnapshot:
 
 
 @dataclass(frozen=True)
-class ModelResult:
+class ModelResult(Order9Outcome):
     """One scenario as the model played it; the derived properties match KernelResult's."""
 
     scenario: Scenario
@@ -221,35 +221,8 @@ class ModelResult:
     def pinned_bytes(self) -> int:
         return self.chunks_pinned * self.chunk_bytes
 
-    @property
-    def ideal_order9(self) -> int:
-        return self.after.ideal_order9
-
-    @property
-    def order9_before(self) -> int:
-        return self.before.order9_blocks
-
-    @property
-    def order9_after(self) -> int:
-        return self.after.order9_blocks
-
-    @property
-    def fraction_before(self) -> float:
-        return self.before.order9_fraction
-
-    @property
-    def fraction_after(self) -> float:
-        return self.after.order9_fraction
-
-    @property
-    def recovered_fraction(self) -> float:
-        """(after − before) / (ideal − before), as KernelResult.recovered_fraction."""
-        missing = self.ideal_order9 - self.order9_before
-        return (self.order9_after - self.order9_before) / missing if missing > 0 else 1.0
-
-    @property
-    def hugepages_fraction(self) -> float:
-        return self.hugepages_obtained / self.ideal_order9 if self.ideal_order9 else 0.0
+    def _sides(self) -> tuple[Order9Snapshot, Order9Snapshot, int]:
+        return self.before, self.after, self.hugepages_obtained
 
     @property
     def recovery_blocked(self) -> bool:
