@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Literal
 
-from gemfs.control.peer import CallError
+from gemfs.control.errors import CallError
 from gemfs.control.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,

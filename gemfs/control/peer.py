@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import trio
 
+from gemfs.control.errors import CallError as CallError
 from gemfs.control.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -34,32 +35,10 @@ from gemfs.control.protocol import (
     Reply,
     Welcome,
     encode_frame,
-    errno_code,
-    errno_name,
 )
 
 log = logging.getLogger("gemfs.control")
 RECV = 1 << 20
-
-
-class CallError(Exception):
-    """A call answered with an error (errno name + message), or one that could not be made."""
-
-    def __init__(self, errno: str, message: str) -> None:
-        super().__init__(f"{errno}: {message}")
-        self.errno = errno
-        self.message = message
-
-    @property
-    def code(self) -> int:
-        try:
-            return errno_code(self.errno)
-        except ValueError:
-            return 5  # EIO
-
-    @classmethod
-    def from_code(cls, code: int, message: str) -> CallError:
-        return cls(errno_name(code), message)
 
 
 CallHandler = Callable[["Peer", Call], Awaitable[Any]]
