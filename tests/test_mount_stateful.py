@@ -204,4 +204,29 @@ def test_file_operations_match_a_model(mnt: GemfsMount) -> None:
         ),
     )
     assert procfs.parse_objects(mnt.read_stat("objects")) == []  # nothing leaked
-    assert parse_vmstat(mnt.read_stat("vmstat"))["pgmigrate_success"] > 0  # pages did move
+
+
+def test_migrating_a_files_pages_keeps_its_content(mnt: GemfsMount) -> None:
+    """The deterministic twin of the migrate rule: every page of a file moves, bytes stay."""
+    data = os.urandom(40 * PAGE_SIZE + 123)
+    f = mnt.path / "moving"
+    f.write_bytes(data)
+    before = parse_vmstat(mnt.read_stat("vmstat"))["pgmigrate_success"]
+    with SyncClient(str(mnt.path.parent / "ctl")) as c:
+        snap = c.call("snapshot")
+        flags = np.frombuffer(snap["flags"], dtype=np.uint8)
+        frames = procfs.parse_frames(os.getxattr(f, "user.gemfs.frames").decode())
+        src = np.asarray(frames, dtype="<i8")
+        free = np.flatnonzero(flags & PG_FREE)[-len(src) :].astype("<i8")
+        out = c.call("migrate", {"src": src.tobytes(), "dst": free.tobytes()})
+    assert (arrays.results(out["results"]) == 0).all()
+    assert parse_vmstat(mnt.read_stat("vmstat"))["pgmigrate_success"] == before + len(src)
+    new = procfs.parse_frames(os.getxattr(f, "user.gemfs.frames").decode())
+    assert sorted(new) == sorted(free.tolist())
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the new frames
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == data
+    f.unlink()

@@ -438,7 +438,8 @@ class ControlServer:
                 return obj.pages.tolist()
             case "check":
                 try:
-                    mm.check()
+                    async with self.migrate_lock:  # invariants hold between batches
+                        mm.check()
                 except AssertionError as e:
                     return {"ok": False, "error": str(e)}
                 return {"ok": True, "error": ""}
