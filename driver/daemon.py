@@ -289,20 +289,13 @@ class DriverDaemon:
         a = call.args
         match call.op:
             case "migrate":
-                idx = _arr(a.get("idx"))
-                o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
-                if o is None:  # a file we do not use (gemfs design): move it freely
-                    return {"results": pack_i32(np.zeros(len(idx)))}
-                st = self.gem.stats
-                st.migrate_calls += 1
-                st.migrate_pages += len(idx)
                 mode = MigrateMode.parse(str(a.get("mode", "sync")))
-                self.migrating[o.id] = trio.Event()  # no new batches on it until "migrated"
-                if not await self._wait_idle(o, mode):
-                    st.migrate_eagain += len(idx)
-                    self.migrating.pop(o.id).set()
-                    return {"results": pack_i32(np.full(len(idx), -errno.EAGAIN))}
-                return {"results": pack_i32(np.zeros(len(idx)))}
+                entries = a.get("objs")
+                if not isinstance(entries, list):
+                    raise _err(errno.EINVAL, "objs must be a list")
+                # Stop new batches on all of them first, then wait for their GPUs together.
+                results = await self._migrate_objects(entries, mode)
+                return {"results": [pack_i32(r) for r in results]}
             case "invalidate":
                 o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
                 if o is None:
@@ -314,10 +307,48 @@ class DriverDaemon:
             case _:
                 raise _err(errno.EOPNOTSUPP, f"unknown callback {call.op!r}")
 
+    async def _migrate_objects(self, entries: list[Any], mode: MigrateMode) -> list[np.ndarray]:
+        """The migrate callback: per object 0 (stopped using it, the pin passes to the core)
+        or -EAGAIN per page; objects we do not use (gemfs design) may always move."""
+        assert self.gem is not None
+        st = self.gem.stats
+        todo: list[tuple[int, DriverObject | None, int]] = []
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict):
+                raise _err(errno.EINVAL, "each entry must be a map")
+            n = len(_arr(e.get("idx")))
+            o = self.gem.objects.get(e.get("obj"))  # type: ignore[arg-type]
+            if o is not None:
+                st.migrate_calls += 1
+                st.migrate_pages += n
+                self.migrating[o.id] = trio.Event()  # no new batches on it until "migrated"
+            todo.append((i, o, n))
+        results: list[np.ndarray] = [np.zeros(n, dtype=np.int32) for _i, _o, n in todo]
+
+        async def one(i: int, o: DriverObject, n: int) -> None:
+            if not await self._wait_idle(o, mode):
+                st.migrate_eagain += n
+                results[i] = np.full(n, -errno.EAGAIN, dtype=np.int32)
+                ev = self.migrating.pop(o.id, None)
+                if ev is not None:
+                    ev.set()
+
+        async with trio.open_nursery() as nursery:
+            for i, o, n in todo:
+                if o is not None:
+                    nursery.start_soon(one, i, o, n)
+        return results
+
     async def _on_core_notify(self, peer: Peer, note: Notify) -> None:
         if note.op != "migrated" or self.gem is None:
             return
-        a = note.args
+        entries = note.args.get("objs")
+        for a in entries if isinstance(entries, list) else []:
+            if isinstance(a, dict):
+                self._migrated(a)
+
+    def _migrated(self, a: dict[str, Any]) -> None:
+        assert self.gem is not None
         o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
         if o is not None:
             idx, dst = _arr(a.get("idx")), _arr(a.get("dst"))

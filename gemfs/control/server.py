@@ -23,7 +23,7 @@ import numpy as np
 import trio
 
 from gemfs.control import arrays
-from gemfs.control.arrays import pack_i32
+from gemfs.control.arrays import pack_i32, pack_i64
 from gemfs.control.peer import CallError, Credentials, Peer, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
 from gemfs.mm import CompactionPolicy, CompactResult, GemObject, MemoryManager, MigrateMode
@@ -529,9 +529,16 @@ class ControlServer:
                 batch = self.mm.migrate_begin(src, dst, mode)
                 # Each object's share goes to its owner at the same time (they are disjoint),
                 # so a batch costs about one callback round trip, not one per object.
+                groups: dict[int, list[MigrationRequest]] = {}
                 async with trio.open_nursery() as nursery:
                     for req in batch.requests:
-                        nursery.start_soon(self._run_one, batch, req, mode)
+                        ops = self.mm.ops_for(req.obj)
+                        if isinstance(ops, RemoteOps) and req.obj.notifier is None:
+                            groups.setdefault(id(ops.state), []).append(req)
+                        else:
+                            nursery.start_soon(self._run_one, batch, req, mode)
+                    for reqs in groups.values():  # one call per driver for all its objects
+                        nursery.start_soon(self._run_group_safely, batch, reqs, mode)
                 return self.mm.migrate_end(batch)
         raise AssertionError("unreachable")  # pragma: no cover - a shielded scope returns
 
@@ -544,6 +551,17 @@ class ControlServer:
             log.exception("migration of object %d failed", req.obj.id)
             res = self._abort_request(req)
         self.mm.migrate_finish_request(batch, req, res)
+
+    async def _run_group_safely(
+        self, batch: MigrationBatch, reqs: list[MigrationRequest], mode: MigrateMode
+    ) -> None:
+        try:
+            results = await self._run_group(reqs, mode)
+        except Exception:
+            log.exception("migration of objects %s failed", [r.obj.id for r in reqs])
+            results = [self._abort_request(r) for r in reqs]
+        for req, res in zip(reqs, results, strict=True):
+            self.mm.migrate_finish_request(batch, req, res)
 
     def _abort_request(self, req: MigrationRequest) -> Results:
         """Something broke mid-request: every page that did not reach its target goes back."""
@@ -569,49 +587,113 @@ class ControlServer:
         ops = mm.ops_for(obj)
         if not isinstance(ops, RemoteOps):
             return mm.migrate_request_local(req, mode)
+        return (await self._run_group([req], mode))[0]
+
+    async def _run_group(self, reqs: list[MigrationRequest], mode: MigrateMode) -> list[Results]:
+        """One driver's share of a batch: one ``migrate`` call for all its objects, then the
+        moves it consented to, then one ``migrated`` notice. Results per request."""
+        mm = self.mm
+        ops = mm.ops_for(reqs[0].obj)
+        assert isinstance(ops, RemoteOps)
         state = ops.state
-        isolated = mm.isolate_request(req, ops)
-        ii = np.flatnonzero(isolated)
-        idx, src, dst = req.idx[ii], req.src[ii], req.dst[ii]
-        t0 = time.perf_counter()
-        out = np.full(len(ii), -EAGAIN, dtype=np.int32)
-        mm.vmstat.inc("gem_migrate_callbacks")
-        mm.vmstat.inc("gem_migrate_callback_pages", len(ii))
-        try:
-            answer = await state.peer.call(
-                "migrate",
-                {
-                    "obj": obj.id,
-                    "idx": idx.astype("<i8").tobytes(),
-                    "src": src.astype("<i8").tobytes(),
-                    "dst": dst.astype("<i8").tobytes(),
-                    "mode": mode.name.lower(),
-                },
-                answer_within=self.callback_timeout,
-            )
+        entries = []  # (request, live part, live mask, isolated mask of the part)
+        for req in reqs:
+            part, live = mm.narrow_request(req)
+            isolated = mm.isolate_request(part, ops) if len(part.src) else live[:0]
+            entries.append((req, part, live, isolated))
+        sent = [(e, np.flatnonzero(e[3])) for e in entries if np.any(e[3])]
+        answers: list[Results] = [np.full(len(ii), -EAGAIN, dtype=np.int32) for _e, ii in sent]
+        npages = sum(len(ii) for _e, ii in sent)
+        if sent:
+            t0 = time.perf_counter()
+            mm.vmstat.inc("gem_migrate_callbacks")
+            mm.vmstat.inc("gem_migrate_callback_pages", npages)
             try:
-                got = arrays.results(answer.get("results") if isinstance(answer, dict) else None)
-            except ValueError:
-                raise CallError("EPROTO", "migrate answer is not a list of results") from None
-            if len(got) != len(ii):
-                raise CallError("EPROTO", "migrate answer has the wrong shape")
-            out = got
-        except CallError as e:
-            if e.errno == "ETIMEDOUT":
-                mm.vmstat.inc("gem_callback_timeouts")
-            elif e.errno in ("ENOTCONN", "EPROTO"):
-                mm.vmstat.inc("pgmigrate_aborted", len(ii))
-            if e.errno == "EPROTO":
+                answer = await state.peer.call(
+                    "migrate",
+                    {
+                        "objs": [
+                            {
+                                "obj": e[1].obj.id,
+                                "idx": pack_i64(e[1].idx[ii]),
+                                "src": pack_i64(e[1].src[ii]),
+                                "dst": pack_i64(e[1].dst[ii]),
+                            }
+                            for e, ii in sent
+                        ],
+                        "mode": mode.name.lower(),
+                    },
+                    answer_within=self.callback_timeout,
+                )
+                got = answer.get("results") if isinstance(answer, dict) else None
+                if not isinstance(got, list) or len(got) != len(sent):
+                    raise CallError("EPROTO", "migrate answer has the wrong shape")
+                parsed = [arrays.results(g) for g in got]
+                if any(len(a) != len(ii) for a, (_e, ii) in zip(parsed, sent, strict=True)):
+                    raise CallError("EPROTO", "migrate answer has the wrong shape")
+                answers = parsed
+            except CallError as e:
+                if e.errno == "ETIMEDOUT":
+                    mm.vmstat.inc("gem_callback_timeouts")
+                elif e.errno in ("ENOTCONN", "EPROTO"):
+                    mm.vmstat.inc("pgmigrate_aborted", npages)
+                if e.errno == "EPROTO":
+                    await state.peer.aclose()
+            except ValueError:  # results that are not int32 bytes or ints
                 await state.peer.aclose()
-        except (ValueError, TypeError, OverflowError):
-            await state.peer.aclose()
-        mm.callback_latency_us.append((time.perf_counter() - t0) * 1e6)
-        mm.vmstat.inc("gem_migrate_callback_us_total", int((time.perf_counter() - t0) * 1e6))
-        self.stats["callbacks"] += 1
-        # The driver consented for out == 0: it stopped using those pages; move them now,
-        # carrying its pin from the old frame to the new one.
+            us = (time.perf_counter() - t0) * 1e6
+            mm.callback_latency_us.append(us)
+            mm.vmstat.inc("gem_migrate_callback_us_total", int(us))
+            self.stats["callbacks"] += 1
+        outs = {id(e[0]): a for (e, _ii), a in zip(sent, answers, strict=True)}
+        results: list[Results] = []
+        notices = []
+        for req, part, live, isolated in entries:
+            ii = np.flatnonzero(isolated)
+            out = outs.get(id(req), np.full(len(ii), -EAGAIN, dtype=np.int32))
+            res_part = self._consent(state, part, isolated, ii, out) if len(part.src) else out
+            res = np.full(len(req.src), -errno.EBUSY, dtype=np.int32)
+            res[live] = res_part
+            results.append(res)
+            if len(ii):
+                notices.append(
+                    {
+                        "obj": part.obj.id,
+                        "idx": pack_i64(part.idx[ii]),
+                        "dst": pack_i64(part.dst[ii]),
+                        "ok": (res_part[ii] == 0).astype(np.uint8).tobytes(),
+                    }
+                )
+        if notices and id(state.peer) in self.peers:  # always release the driver's objects
+            try:
+                await state.peer.notify("migrated", {"objs": notices})
+            except CallError:
+                pass
+        return results
+
+    def _consent(
+        self,
+        state: PeerState,
+        req: MigrationRequest,
+        isolated: Bools,
+        ii: I64,
+        out: Results,
+    ) -> Results:
+        """The driver consented where out == 0: it stopped using those pages. Move them now,
+        carrying its pin from the old frame to the new one; put back the rest."""
+        mm = self.mm
+        obj = req.obj
+        idx, src, dst = req.idx[ii], req.src[ii], req.dst[ii]
+        out = out.copy()
         alive = mm.objects.get(obj.id) is obj and id(state.peer) in self.peers
         consent = (out == 0) & alive
+        if alive:
+            # A page truncated or moved while we waited for the answer does not move.
+            inside = idx < len(obj.pages)
+            still = np.zeros(len(idx), dtype=np.bool_)
+            still[inside] = obj.pages[idx[inside]] == src[inside]
+            out[consent & ~still] = -errno.EBUSY
+            consent &= still
         if np.any(consent):
             held = self._pins_of(state, obj)[idx] & consent
             mm.unpin_pages(src[held])
@@ -622,19 +704,6 @@ class ControlServer:
         res = mm.settle_request(req, isolated, out, SHMEM_OPS)
         mm.vmstat.inc("gem_migrate_callback_eagain", int(np.count_nonzero(res == -EAGAIN)))
         mm.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(res == -errno.EBUSY)))
-        if id(state.peer) in self.peers and len(ii):  # always release the driver's object
-            try:
-                await state.peer.notify(
-                    "migrated",
-                    {
-                        "obj": obj.id,
-                        "idx": idx.astype("<i8").tobytes(),
-                        "dst": dst.astype("<i8").tobytes(),
-                        "ok": (res[ii] == 0).astype(np.uint8).tobytes(),
-                    },
-                )
-            except CallError:
-                pass
         return res
 
     async def _run_notifier(self, req: MigrationRequest, state: PeerState) -> Results:
