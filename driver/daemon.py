@@ -313,6 +313,7 @@ class DriverDaemon:
         assert self.gem is not None
         st = self.gem.stats
         todo: list[tuple[int, DriverObject | None, int]] = []
+        mine: dict[int, trio.Event] = {}
         for i, e in enumerate(entries):
             if not isinstance(e, dict):
                 raise _err(errno.EINVAL, "each entry must be a map")
@@ -321,7 +322,7 @@ class DriverDaemon:
             if o is not None:
                 st.migrate_calls += 1
                 st.migrate_pages += n
-                self.migrating[o.id] = trio.Event()  # no new batches on it until "migrated"
+                mine[o.id] = self.migrating[o.id] = trio.Event()  # no batches until "migrated"
             todo.append((i, o, n))
         results: list[np.ndarray] = [np.zeros(n, dtype=np.int32) for _i, _o, n in todo]
 
@@ -329,9 +330,9 @@ class DriverDaemon:
             if not await self._wait_idle(o, mode):
                 st.migrate_eagain += n
                 results[i] = np.full(n, -errno.EAGAIN, dtype=np.int32)
-                ev = self.migrating.pop(o.id, None)
-                if ev is not None:
-                    ev.set()
+                # Release only our own hold: if the core gave up on this call (timeout) a
+                # newer callback may hold the object now, and that hold must stay.
+                self._release(o.id, mine[o.id])
 
         async with trio.open_nursery() as nursery:
             for i, o, n in todo:
@@ -360,9 +361,15 @@ class DriverDaemon:
             )
             if len(ok) == len(idx) == len(dst):
                 self.gem.migrate_commit(o, idx[ok], dst[ok])
-        ev = self.migrating.pop(int(a.get("obj", 0)), None)
+        oid = int(a.get("obj", 0))
+        ev = self.migrating.get(oid)
         if ev is not None:
-            ev.set()
+            self._release(oid, ev)
+
+    def _release(self, oid: int, ev: trio.Event) -> None:
+        if self.migrating.get(oid) is ev:
+            del self.migrating[oid]
+        ev.set()
 
 
 async def run_driver(control: str, listen: str | None, name: str = "i915") -> None:
