@@ -286,7 +286,13 @@ class Stress:
                     return  # a transient error, the driver is fine
                 except (CallError, OSError):
                     pass
-            stack.restart_driver()
+            for attempt in range(5):  # the fault thread may kill it again while it starts
+                try:
+                    stack.restart_driver()
+                    break
+                except StackError:
+                    if attempt == 4:
+                        raise
             for p, (_oid, crc) in list(self.objects.items()):
                 r = stack.drv.call("open", {"path": p})
                 data = (stack.mountpoint / p.lstrip("/")).read_bytes()
