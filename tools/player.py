@@ -137,6 +137,24 @@ class RunRecord:
     pageblock_states: list[int]
     pageblock_mixed: list[int]
     vmstat: dict[str, int] = field(default_factory=dict)
+    # -- the honest-measurement contract (all times are modelled time) -----------------------
+    backend: str = "inproc"  # "inproc" | "stack"
+    # High-order allocations made while the workload runs (probe phases other than a drain):
+    # {"attempts", "successes", "compacted" (successes that needed direct compaction),
+    #  "latency_us": {"p50", "p99", "max"}} -- modelled µs each allocation waited.
+    alloc: dict[str, Any] = field(default_factory=dict)
+    order9_free_mean: float = 0.0  # free order-9 units, time-weighted over the run
+    # What the designs cost, in modelled time and pages: {"gpu_stall_ms", "repinned_pages",
+    # "refaulted_pages", "callbacks", "pages_migrated", "pages_refused" (distinct pages),
+    # "refusals" (EAGAIN answers, attempts), "scanned_pages", "migration_ms", "waits_ms"}
+    costs: dict[str, float] = field(default_factory=dict)
+    # {"hugepages_recovered", "stall_ms_per_hugepage", "migrated_per_hugepage"}
+    efficiency: dict[str, float] = field(default_factory=dict)
+    # The end-of-run "drain after idle" (a count = "all" probe): {"order", "blocks", "tried",
+    # "stopped_at_failure"}; blocks = 0 and tried = 0 when the workload has none.
+    drain: dict[str, Any] = field(default_factory=dict)
+    # {"gemfs_version", "cost_table": {name: value}, "workload_file"}
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
