@@ -7,6 +7,7 @@ the core's migrate / invalidate callbacks. Clients (Mesa's part) talk to it on `
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import mmap
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import trio
+import trio.lowlevel
 
 from driver.gem import DriverObject, GemDriver
 from gemfs.control.arrays import pack_i32
@@ -50,7 +52,9 @@ class DriverDaemon:
         self.gem: GemDriver | None = None
         self.design = Design.PINNED
         self._map: mmap.mmap | None = None
-        self.migrating: dict[int, trio.Event] = {}
+        # Objects the core is moving: no batch until the "migrated" notice of that ask (token).
+        self.migrating: dict[int, tuple[int, trio.Event]] = {}
+        self._noticed: collections.deque[int] = collections.deque(maxlen=4096)
         self._counter = 0
 
     # -- start -------------------------------------------------------------------------------
@@ -128,14 +132,15 @@ class DriverDaemon:
     async def _bind(self, o: DriverObject) -> None:
         assert self.core is not None
         assert self.gem is not None
-        ev = self.migrating.get(o.id)
-        while ev is not None:
-            await ev.wait()
-            ev = self.migrating.get(o.id)
+        hold = self.migrating.get(o.id)
+        while hold is not None:
+            await hold[1].wait()
+            hold = self.migrating.get(o.id)
         if self.gem.needs_bind(o):
             r = None
             with trio.move_on_after(BIND_PATIENCE_S):
                 while r is None:
+                    seen = o.invalidations
                     try:
                         r = await self.core.call(
                             "pin", {"obj": o.id, "start": 0, "count": o.nr_pages}
@@ -144,6 +149,12 @@ class DriverDaemon:
                         if e.errno != "EAGAIN":
                             raise
                         await trio.sleep(0.01)  # a page is mid-migration: let it land
+                        continue
+                    if o.invalidations != seen or o.id in self.migrating:
+                        # An invalidation (or a migration) overtook this reply: its frames may
+                        # be moving. Never apply it; pin again once the range has settled.
+                        r = None
+                        await trio.lowlevel.checkpoint()
             if r is None:
                 raise _err(errno.EAGAIN, f"object {o.id} stays busy migrating")
             frames = np.frombuffer(r["frames"], dtype="<i8").astype(np.int64)
@@ -212,8 +223,8 @@ class DriverDaemon:
                 gen = a.get("generation")
                 if gen is not None and (not isinstance(gen, int) or gen < 0):
                     raise _err(errno.EINVAL, "generation must be a non-negative integer")
+                now = float((await core.call("clock", {}))["now"])  # the modelled clock
                 await self._ready(objs)
-                now = trio.current_time()
                 gem.execute(objs, now, ms / 1000, write, gen)  # no await since _ready
                 if write:
                     for o in objs:
@@ -224,7 +235,7 @@ class DriverDaemon:
                 }
             case "wait":
                 o = self._obj(a)
-                await trio.sleep_until(o.busy_until)
+                await self._idle(o)
                 return 0
             case "write":
                 o = self._obj(a)
@@ -233,14 +244,14 @@ class DriverDaemon:
                     raise _err(errno.EINVAL, "data (bytes) and offset (int) expected")
                 if off + len(data) > o.nr_pages * PAGE_SIZE:
                     raise _err(errno.EFBIG, "write past the end of the object")
-                await trio.sleep_until(o.busy_until)
+                await self._idle(o)
                 await self._ready([o])
                 gem.write_object(o, off, data)
                 await self._changed(o)
                 return len(data)
             case "read":
                 o = self._obj(a)
-                await trio.sleep_until(o.busy_until)
+                await self._idle(o)
                 await self._ready([o])
                 return gem.read_object(o)
             case "verify":
@@ -249,9 +260,8 @@ class DriverDaemon:
                     await self._ready([o])
                     bad += 0 if gem.verify(o) else 1
                 return {"bad_objects": bad, "data_errors": gem.stats.data_errors}
-            case "close":
+            case "close":  # at once: the model frees the frames without waiting for the GPU
                 o = self._obj(a)
-                await trio.sleep_until(o.busy_until)
                 gem.remove_object(o.id)
                 await core.call("close", {"obj": o.id, "unlink": bool(a.get("unlink", True))})
                 return 0
@@ -272,83 +282,94 @@ class DriverDaemon:
             case _:
                 raise _err(errno.EOPNOTSUPP, f"unknown op {call.op!r}")
 
-    # -- core callbacks ------------------------------------------------------------------------
-    async def _wait_idle(self, o: DriverObject, mode: MigrateMode) -> bool:
-        assert self.gem is not None
-        now = trio.current_time()
-        wait = self.gem.migrate_wait(o, mode, now)
-        if wait is None:
-            return False
-        if wait > 0:
-            self.gem.stats.stall_s += wait
-            await trio.sleep(wait)
-        return True
+    async def _idle(self, o: DriverObject) -> None:
+        """The CPU waits for the object's batches: modelled time passes up to their end."""
+        assert self.core is not None
+        await self.core.call("advance", {"to": o.busy_until})
 
+    # -- core callbacks: the migration mechanism's asks ----------------------------------------
     async def _on_core_call(self, peer: Peer, call: Call) -> Any:
         assert self.gem is not None
         a = call.args
+        try:
+            mode = MigrateMode.parse(str(a.get("mode", "sync")))
+        except ValueError as e:
+            raise _err(errno.EINVAL, str(e)) from None
+        now = a.get("now", 0.0)
+        if not isinstance(now, int | float) or isinstance(now, bool):
+            raise _err(errno.EINVAL, "now must be a number of seconds")
         match call.op:
             case "migrate":
-                mode = MigrateMode.parse(str(a.get("mode", "sync")))
                 entries = a.get("objs")
                 if not isinstance(entries, list):
                     raise _err(errno.EINVAL, "objs must be a list")
-                # Stop new batches on all of them first, then wait for their GPUs together.
-                results = await self._migrate_objects(entries, mode)
-                return {"results": [pack_i32(r) for r in results]}
+                token = a.get("token", 0)
+                if not isinstance(token, int):
+                    raise _err(errno.EINVAL, "token must be an integer")
+                results, waited = self._migrate_objects(entries, mode, float(now), token)
+                return {"results": [pack_i32(r) for r in results], "waited_s": waited}
             case "invalidate":
                 o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
                 if o is None:
-                    return 0
-                await self._wait_idle(o, MigrateMode.SYNC)
-                start, count = int(a.get("start", 0)), int(a.get("count", 0))
-                self.gem.invalidate(o, start, count)
-                return 0
+                    return {"rc": 0, "waited_s": 0.0}
+                wait = self.gem.migrate_wait(o, mode, float(now))
+                if wait is None:  # a non-blocking invalidation of a busy range
+                    return {"rc": -errno.EAGAIN, "waited_s": 0.0}
+                start, count = a.get("start", 0), a.get("count", 0)
+                if not isinstance(start, int) or not isinstance(count, int):
+                    raise _err(errno.EINVAL, "start and count must be integers")
+                self.gem.stats.stall_s += wait
+                self.gem.invalidate(o, start, count)  # the core drops our pins in the range
+                return {"rc": 0, "waited_s": wait}
             case _:
                 raise _err(errno.EOPNOTSUPP, f"unknown callback {call.op!r}")
 
-    async def _migrate_objects(self, entries: list[Any], mode: MigrateMode) -> list[np.ndarray]:
-        """The migrate callback: per object 0 (stopped using it, the pin passes to the core)
-        or -EAGAIN per page; objects we do not use (gemfs design) may always move."""
+    def _migrate_objects(
+        self, entries: list[Any], mode: MigrateMode, now: float, token: int
+    ) -> tuple[list[np.ndarray], float]:
+        """The migrate callback: per object 0 (stop using it until the "migrated" notice; the
+        pin passes to the core) or -EAGAIN per page; objects that are not ours may move. The
+        GPUs are waited for together: the answer says how long (modelled)."""
         assert self.gem is not None
         st = self.gem.stats
-        todo: list[tuple[int, DriverObject | None, int]] = []
-        mine: dict[int, trio.Event] = {}
-        for i, e in enumerate(entries):
+        results: list[np.ndarray] = []
+        waited = 0.0
+        for e in entries:
             if not isinstance(e, dict):
                 raise _err(errno.EINVAL, "each entry must be a map")
             n = len(_arr(e.get("idx")))
             o = self.gem.objects.get(e.get("obj"))  # type: ignore[arg-type]
-            if o is not None:
-                st.migrate_calls += 1
-                st.migrate_pages += n
-                mine[o.id] = self.migrating[o.id] = trio.Event()  # no batches until "migrated"
-            todo.append((i, o, n))
-        results: list[np.ndarray] = [np.zeros(n, dtype=np.int32) for _i, _o, n in todo]
-
-        async def one(i: int, o: DriverObject, n: int) -> None:
-            if not await self._wait_idle(o, mode):
+            if o is None:
+                results.append(np.zeros(n, dtype=np.int32))
+                continue
+            st.migrate_calls += 1
+            st.migrate_pages += n
+            wait = self.gem.migrate_wait(o, mode, now)
+            if wait is None:
                 st.migrate_eagain += n
-                results[i] = np.full(n, -errno.EAGAIN, dtype=np.int32)
-                # Release only our own hold: if the core gave up on this call (timeout) a
-                # newer callback may hold the object now, and that hold must stay.
-                self._release(o.id, mine[o.id])
-
-        async with trio.open_nursery() as nursery:
-            for i, o, n in todo:
-                if o is not None:
-                    nursery.start_soon(one, i, o, n)
-        return results
+                results.append(np.full(n, -errno.EAGAIN, dtype=np.int32))
+                continue
+            waited = max(waited, wait)
+            # No batches on it until this ask's "migrated" notice (unless it came already:
+            # the core gave up waiting for this answer and has settled the pages).
+            if token not in self._noticed:
+                self.migrating[o.id] = (token, trio.Event())
+            results.append(np.zeros(n, dtype=np.int32))
+        st.stall_s += waited
+        return results, waited
 
     async def _on_core_notify(self, peer: Peer, note: Notify) -> None:
         if note.op != "migrated" or self.gem is None:
             return
+        token = note.args.get("token", 0)
+        if isinstance(token, int):
+            self._noticed.append(token)
         entries = note.args.get("objs")
         for a in entries if isinstance(entries, list) else []:
             if isinstance(a, dict):
-                self._migrated(a)
+                self._migrated(a, token if isinstance(token, int) else 0)
 
-    def _migrated(self, a: dict[str, Any]) -> None:
+    def _migrated(self, a: dict[str, Any], token: int) -> None:
         assert self.gem is not None
         o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
         if o is not None:
@@ -361,15 +382,11 @@ class DriverDaemon:
             )
             if len(ok) == len(idx) == len(dst):
                 self.gem.migrate_commit(o, idx[ok], dst[ok])
-        oid = int(a.get("obj", 0))
-        ev = self.migrating.get(oid)
-        if ev is not None:
-            self._release(oid, ev)
-
-    def _release(self, oid: int, ev: trio.Event) -> None:
-        if self.migrating.get(oid) is ev:
+        oid = a.get("obj", 0)
+        hold = self.migrating.get(oid) if isinstance(oid, int) else None
+        if hold is not None and hold[0] == token:  # only this ask's hold: never a newer one
             del self.migrating[oid]
-        ev.set()
+            hold[1].set()
 
 
 async def run_driver(control: str, listen: str | None, name: str = "i915") -> None:

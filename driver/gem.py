@@ -4,9 +4,10 @@ The GPU reads and writes pool frames directly by frame number through each objec
 (page index -> frame), exactly as DMA would. A stale GTT entry after a move shows up as a
 checksum mismatch: the driver keeps, per object, the checksum of what it last wrote.
 
-This module holds state and rules only. Waiting (for a batch to finish) and talking to the core
-(pin, unpin, move) belong to the wrappers: :mod:`driver.inproc` uses the model directly with a
-simulated clock; the daemon does the same over the control socket with trio.
+This module holds state and rules only. Time is the pool's modelled clock: a batch keeps its
+objects busy until ``now + duration``, and "waiting for the GPU" is a decision (how long, in
+modelled seconds) that the wrappers report to the core: :mod:`driver.inproc` answers the core
+directly, the daemon over the control socket with trio.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class DriverObject:
     busy_until: float = 0.0  # clock time the last batch on this object completes
     bound: bool = False  # pages pinned and GTT valid (except entries dropped by invalidate)
     generation: int = 0  # GPU writes so far
+    invalidations: int = 0  # notifier invalidations so far (a pin reply older than one is stale)
 
     def busy(self, now: float) -> bool:
         return now < self.busy_until
@@ -178,5 +180,6 @@ class GemDriver:
         seg = o.gtt[start : start + count]
         held = seg[seg >= 0].copy()
         seg[:] = -1
+        o.invalidations += 1
         self.stats.invalidations += 1
         return held

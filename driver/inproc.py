@@ -1,8 +1,10 @@
-"""The driver's logic used directly, in one process with the model and a simulated clock.
+"""The driver's logic used directly, in one process with the model, on the modelled clock.
 
 The same :class:`driver.gem.GemDriver` the daemon wraps with its socket; here the core is the
-:class:`gemfs.mm.MemoryManager` itself and "waiting for the GPU" advances a simulated clock
-(the wait is accounted as GPU stall time).
+:class:`gemfs.mm.MemoryManager` itself. It answers the migration mechanism's asks
+(:mod:`gemfs.mm.migrate`) synchronously with the same decisions the daemon makes over the
+socket: wait for the GPU as the mode allows (the wait is modelled time, reported back), then
+stop using the pages; on the notice, point the GTT at the new frames.
 """
 
 from __future__ import annotations
@@ -12,31 +14,23 @@ import zlib
 
 import numpy as np
 
-from driver.gem import I64, DriverObject, GemDriver
-from gemfs.mm import GemObject, MemoryManager, MigrateMode, MigrationCore
+from driver.gem import DriverObject, GemDriver
+from gemfs.mm import MemoryManager
+from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migrated
 from gemfs.mm.ops import Results
 from gemfs.mm.types import Design
 
 EAGAIN = errno.EAGAIN
 
 
-class SimClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def advance(self, dt: float) -> None:
-        self.now += max(0.0, dt)
-
-
 class InprocDriver:
-    """i915 in process: owns objects, binds them for batches, answers migrate callbacks."""
+    """i915 in process: owns objects, binds them for batches, answers the core's asks."""
 
     name = "i915"
 
-    def __init__(self, mm: MemoryManager, design: Design, clock: SimClock | None = None) -> None:
+    def __init__(self, mm: MemoryManager, design: Design) -> None:
         self.mm = mm
         self.design = design
-        self.clock = clock or SimClock()
         self.gem = GemDriver(mm.pool.frames)
         if design is Design.GEMFS:
             mm.mount_ops = self
@@ -49,6 +43,8 @@ class InprocDriver:
     def create(self, size: int, path: str = "") -> DriverObject:
         mt = self.design.gem_migratetype
         obj = self.mm.create_object(size, migratetype=mt, path=path)
+        obj.private = True
+        obj.owner_tag = self.name
         data = self.mm.read(obj, 0, obj.size)
         o = self.gem.add_object(obj.id, obj.nr_pages, zlib.crc32(data))
         if self.design is Design.SHMEM_HOOK:
@@ -58,11 +54,10 @@ class InprocDriver:
         return o
 
     def close(self, o: DriverObject) -> None:
+        """Close the object now (its pins go with it; a batch still running is not waited for:
+        the model frees the frames at once)."""
         obj = self.mm.get(o.id)
-        self.wait(o)
-        if o.bound:
-            held = self.gem.unbind(o)
-            self.mm.unpin_pages(held)
+        self.mm.release(self, obj, 0, max(o.nr_pages, len(obj.pages)))
         self.gem.remove_object(o.id)
         self.mm.destroy_object(obj)
 
@@ -70,18 +65,12 @@ class InprocDriver:
         if not self.gem.needs_bind(o):
             return
         obj = self.mm.get(o.id)
-        if o.bound:  # partly invalidated: release what is still held, pin the whole object
-            self.mm.unpin_pages(self.gem.unbind(o))
-        self.gem.bind(o, self.mm.pin(obj, 0, o.nr_pages))
+        self.gem.bind(o, self.mm.hold(self, obj, 0, o.nr_pages))
 
     def execute(self, objs: list[DriverObject], duration: float, write: bool) -> None:
         for o in objs:
             self.bind(o)
-        self.gem.execute(objs, self.clock.now, duration, write)
-
-    def wait(self, o: DriverObject) -> None:
-        if o.busy(self.clock.now):
-            self.clock.advance(o.busy_until - self.clock.now)
+        self.gem.execute(objs, self.mm.clock.now, duration, write)
 
     def verify_all(self) -> int:
         """Objects whose content (read by the core, not the GTT) differs from the driver's."""
@@ -94,46 +83,44 @@ class InprocDriver:
                 bad += 1
         return bad
 
-    # -- address-space ops (shmem-hook per object, gemfs for the mount) -----------------------
-    def isolate(self, core: MigrationCore, obj: GemObject, idx: I64) -> np.ndarray:
-        return np.ones(len(idx), dtype=np.bool_)
-
-    def migrate(
-        self, core: MigrationCore, obj: GemObject, idx: I64, src: I64, dst: I64, mode: MigrateMode
-    ) -> Results:
-        o = self.gem.objects.get(obj.id)
-        if o is None:  # not ours (a plain file on a gemfs mount): plain shmem behaviour
-            return core.migrate_folio(obj, idx, src, dst)
+    # -- the core's asks (migrate for the hook and mount designs, invalidate for notifier) ----
+    def answer(self, ask: Ask) -> Answer:
+        if isinstance(ask, AskInvalidate):
+            return self._invalidate(ask)
         st = self.gem.stats
-        st.migrate_calls += 1
-        st.migrate_pages += len(idx)
-        wait = self.gem.migrate_wait(o, mode, self.clock.now)
-        if wait is None:
-            st.migrate_eagain += len(idx)
-            return np.full(len(idx), -EAGAIN, dtype=np.int32)
-        if wait:
-            st.stall_s += wait
-            self.clock.advance(wait)
-        held = o.gtt[idx] >= 0
-        core.unpin_pages(src[held])
-        res = core.migrate_folio(obj, idx, src, dst)
-        moved = res == 0
-        self.gem.migrate_commit(o, idx[moved], dst[moved])
-        repin = np.where(moved, dst, src)[held]
-        core.pin_pages(repin)
-        return res
+        results: list[Results] = []
+        waited = 0.0
+        for part in ask.parts:
+            n = len(part.idx)
+            o = self.gem.objects.get(part.obj.id)
+            if o is None:  # not ours any more: nothing to stop using
+                results.append(np.zeros(n, dtype=np.int32))
+                continue
+            st.migrate_calls += 1
+            st.migrate_pages += n
+            wait = self.gem.migrate_wait(o, ask.mode, ask.now)
+            if wait is None:
+                st.migrate_eagain += n
+                results.append(np.full(n, -EAGAIN, dtype=np.int32))
+                continue
+            waited = max(waited, wait)
+            results.append(np.zeros(n, dtype=np.int32))
+        st.stall_s += waited
+        return Answer(results=tuple(results), waited_s=waited)
 
-    def putback(self, core: MigrationCore, obj: GemObject, idx: I64) -> None:
-        return None
-
-    # -- notifier -------------------------------------------------------------------------------
-    def invalidate(self, core: MigrationCore, obj: GemObject, start: int, count: int) -> int:
-        o = self.gem.objects.get(obj.id)
+    def _invalidate(self, ask: AskInvalidate) -> Answer:
+        o = self.gem.objects.get(ask.part.obj.id)
         if o is None:
-            return 0
-        if o.busy(self.clock.now):
-            wait = o.busy_until - self.clock.now
-            self.gem.stats.stall_s += wait
-            self.clock.advance(wait)
-        core.unpin_pages(self.gem.invalidate(o, start, count))
-        return 0
+            return Answer(rc=0)
+        wait = self.gem.migrate_wait(o, ask.mode, ask.now)
+        if wait is None:  # a non-blocking invalidation of a busy range: -EAGAIN
+            return Answer(rc=-EAGAIN)
+        self.gem.stats.stall_s += wait
+        self.gem.invalidate(o, ask.start, ask.count)
+        return Answer(rc=0, waited_s=wait)
+
+    def migrated(self, notice: Migrated) -> None:
+        for obj, idx, dst, ok in notice.parts:
+            o = self.gem.objects.get(obj.id)
+            if o is not None:
+                self.gem.migrate_commit(o, idx[ok], dst[ok])

@@ -80,7 +80,13 @@ async def _cancel_on_signal(scope: Any) -> None:
 
 @click.command("compactor")
 @click.option("--control", required=True, help="The mount's control socket.")
-@click.option("--order", default=9, show_default=True, type=click.IntRange(0, 10))
+@click.option(
+    "--order",
+    default=-1,
+    show_default=True,
+    type=click.IntRange(-1, 10),
+    help="Also compact whenever no free block of this order exists (-1: only proactively).",
+)
 @click.option(
     "--proactiveness",
     default=None,
@@ -88,7 +94,15 @@ async def _cancel_on_signal(scope: Any) -> None:
     help="0..100; default: the mount's .gemfs/compaction_proactiveness knob (20), read live.",
 )
 @click.option("--once", is_flag=True, help="Compact the whole pool once and exit.")
-@click.option("--interval-ms", default=500, show_default=True, type=click.IntRange(10, 60000))
+@click.option("--interval-ms", default=500, show_default=True, type=click.IntRange(1, 3_600_000))
+@click.option(
+    "--clock",
+    type=click.Choice(["wall", "model"]),
+    default="wall",
+    show_default=True,
+    help="Wake on the wall clock, or when the mount's modelled clock reaches each interval "
+    "(a workload player drives it).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def compactor_cmd(
     control: str,
@@ -96,6 +110,7 @@ def compactor_cmd(
     proactiveness: int | None,
     once: bool,
     interval_ms: int,
+    clock: str,
     verbose: bool,
 ) -> None:
     """Run kcompactd's part from outside: proactive compaction, or one full pass (--once)."""
@@ -117,6 +132,7 @@ def compactor_cmd(
                     proactiveness=proactiveness,
                     once=once,
                     interval=interval_ms / 1000,
+                    model_clock=clock == "model",
                 )
             )
             nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ import pytest
 
 from gemfs.mm.types import PAGEBLOCK_NR_PAGES, Design, MigrateType
 from tests.workloads import EXAMPLES, SMALL
-from tools.backend import Backend, Handle, Sample
+from tools.backend import Backend, Handle, ProbeResult, Sample
 from tools.inproc_backend import InprocBackend
 from tools.player import NONDETERMINISTIC, Player, RunRecord, play
 from tools.workload import Workload, load_workload, parse_workload
@@ -60,7 +60,7 @@ def test_record_shape(compaction_test: dict[Design, RunRecord]) -> None:
     assert set(r.migrations) == {"success", "fail", "eagain"}
     assert set(r.probes) == {"tried", "succeeded"}
     assert r.fragmentation_score_peak >= r.fragmentation_score
-    assert r.callback_p99_us >= r.callback_p50_us > 0
+    assert r.callback_p99_us == r.callback_p50_us == 0  # no wall-clock figures in process
     data = r.to_json()
     assert RunRecord.from_json(data) == r
     for key in ("design", "pool_pages", "free_pages", "order9_ideal", "order9_before"):
@@ -172,7 +172,7 @@ class RecordingBackend:
         self.calls.append("free_noise")
         self.inner.free_noise(handle)
 
-    def probe(self, order: int) -> bool:
+    def probe(self, order: int) -> ProbeResult:
         self.calls.append("probe")
         return self.inner.probe(order)
 

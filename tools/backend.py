@@ -12,8 +12,8 @@ Rules every implementation follows:
 - ``create``/``page_cache`` raise :class:`gemfs.mm.OutOfMemory` when the pool cannot hold the
   object (ENOSPC); nothing is left allocated. ``alloc_noise`` and ``probe`` report failure by
   their return value instead.
-- Time is the backend's: a simulated clock in process, the wall clock (or a scaled one) for the
-  stack. ``advance`` lets it pass; the proactive compactor runs whenever it is due.
+- Time is modelled, the same on both: the pool's clock (:class:`gemfs.mm.costs.Clock`), moved
+  by ``advance`` and by what allocating tasks wait; the compactor wakes on it.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from typing import NewType, NotRequired, Protocol, TypedDict
 from gemfs.mm.types import MigrateType
 
 Handle = NewType("Handle", int)
+# (succeeded, modelled latency in µs, it needed direct compaction)
+ProbeResult = tuple[bool, float, bool]
 
 
 class GpuSample(TypedDict):
     """The driver's side of the story (driver.gem.GpuStats)."""
 
     batches: int
-    stall_s: float  # time the GPU's users waited on behalf of migration (flush / idle wait)
+    stall_s: float  # modelled GPU stall caused by migration (gemfs.mm.costs explains it)
     data_errors: int  # GPU reads that did not match what the driver last wrote
     migrate_calls: int
     migrate_eagain: int  # pages answered -EAGAIN (busy)
@@ -55,6 +57,8 @@ class Sample(TypedDict):
     callback_p50_us: float  # callback latency percentiles (0 when there were none)
     callback_p99_us: float
     gpu: GpuSample
+    costs: dict[str, float]  # gemfs.mm.costs.Ledger.to_json(): what migration cost so far
+    cost_table: dict[str, float]  # the CostTable in use
     pageblock_mixed: NotRequired[list[int]]  # indices of mixed pageblocks, when known
 
 
@@ -94,8 +98,11 @@ class Backend(Protocol):
         """Free a noise allocation."""
         ...
 
-    def probe(self, order: int) -> bool:
-        """A high-order allocation with direct compaction; the block is kept until released."""
+    def probe(self, order: int) -> ProbeResult:
+        """A high-order allocation with direct compaction; the block is kept until released.
+
+        Returns whether it succeeded, the modelled latency the allocating task saw, and
+        whether it took a direct compaction to succeed."""
         ...
 
     def release_probes(self) -> None:

@@ -2,10 +2,10 @@
 
 It runs the compaction policy of :mod:`gemfs.mm.compaction` from outside: it fetches a snapshot
 of the pool (frame flags, pageblock types, free blocks per order), lets the policy choose
-sources and targets, and asks the core to migrate them in batches; the core calls the owners'
-callbacks. Proactive mode wakes every interval, compares the fragmentation score with the
-proactiveness watermarks, and backs off when a pass makes no progress (like kcompactd's
-proactive_defer).
+sources and targets, and asks the core to migrate them in batches; the core asks the owners.
+When to wake and what to compact are :class:`gemfs.mm.kcompactd.Kcompactd`'s rules -- the same
+code the in-process backend runs. It wakes on the wall clock (a person at a shell) or, with
+``model_clock``, whenever the core's modelled clock reaches its next wake (a workload player).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import numpy.typing as npt
 import trio
 
 from gemfs.control import arrays
-from gemfs.control.peer import Peer, connect
+from gemfs.control.peer import CallError, Peer, connect
+from gemfs.control.protocol import Call
 from gemfs.mm.compaction import CompactionPolicy, CompactResult
+from gemfs.mm.kcompactd import Kcompactd
 from gemfs.mm.pool import PG_ALLOC, PG_FREE, PG_OBJECT
 from gemfs.mm.types import MigrateMode
-from gemfs.mm.vmstat import fragmentation_score, proactive_watermarks
 
 log = logging.getLogger("gemfs.compactor")
-MAX_DEFER = 32  # wakeups to skip after a pass that did not lower the score
 
 
 @dataclass
@@ -69,21 +69,32 @@ async def compact_remote(
     mode: MigrateMode = MigrateMode.SYNC,
     proactiveness: int | None = None,
     stats: CompactorStats | None = None,
+    policy: CompactionPolicy | None = None,
+    now: float | None = None,
 ) -> CompactResult:
-    """One compaction pass run from this process against the core's mechanism."""
+    """One compaction pass run from this process against the core's mechanism.
+
+    ``policy`` (from :class:`gemfs.mm.kcompactd.Kcompactd`) or one built from order, mode and
+    proactiveness. ``now``: this task's modelled start time (default: the core's clock); each
+    batch's costs move it on, as they would move a kcompactd thread's time.
+    """
     snap = SnapshotView.from_reply(await core.call("snapshot", {}))
-    policy = CompactionPolicy(
-        len(snap.pageblock_mt), order=order, mode=mode, proactiveness=proactiveness
-    )
+    if policy is None:
+        policy = CompactionPolicy(
+            len(snap.pageblock_mt), order=order, mode=mode, proactiveness=proactiveness
+        )
+    t = float((await core.call("clock", {}))["now"]) if now is None else now
     while (batch := policy.next_batch(snap)) is not None:
         r = await core.call(
             "migrate",
             {
                 "src": batch.src.astype("<i8").tobytes(),
                 "dst": batch.dst.astype("<i8").tobytes(),
-                "mode": mode.name.lower(),
+                "mode": policy.mode.name.lower(),
+                "now": t,
             },
         )
+        t = float(r.get("t", t))
         res = arrays.results(r["results"])
         snap.free = list(r["free"])
         moved = res == 0
@@ -107,70 +118,89 @@ async def compact_remote(
         "report",
         {
             "counters": {
-                "compact_daemon_migrate_scanned": s.migrate_scanned,
-                "compact_daemon_free_scanned": s.free_scanned,
                 "compact_migrate_scanned": s.migrate_scanned,
                 "compact_free_scanned": s.free_scanned,
-            }
+            },
+            "scanned": s.migrate_scanned + s.free_scanned,
         },
     )
     return policy.result
 
 
-async def proactive_loop(
-    core: Peer, proactiveness: int | None, interval: float, stats: CompactorStats
+async def kcompactd_wake(
+    core: Peer, kc: Kcompactd, proactiveness: int | None, stats: CompactorStats, now: float | None
 ) -> None:
-    """kcompactd's proactive compaction: wake, compare the score, compact, back off.
+    """One wake-up of the shared kcompactd rules, its passes run through the core."""
+    stats.wakeups += 1
+    r = await core.call("fragmentation", {})
+    p = int(r["proactiveness"]) if proactiveness is None else proactiveness
+    free: list[int] = list(r["free"])
+    passes = kc.wake(lambda: free, p)
+    for policy in passes:
+        await compact_remote(core, policy=policy, stats=stats, now=now)
+        free[:] = list((await core.call("fragmentation", {}))["free"])
+    counters = kc.take_counters()
+    if counters:
+        await core.call("report", {"counters": counters})
+
+
+async def proactive_loop(
+    core: Peer, proactiveness: int | None, interval: float, stats: CompactorStats, order: int
+) -> None:
+    """kcompactd on the wall clock (a person at a shell): wake every ``interval`` seconds.
 
     With ``proactiveness`` None the mount's own knob (``.gemfs/compaction_proactiveness``) is
     read at every wake-up, as kcompactd reads the sysctl.
     """
-    defer = 0
-    backoff = 1
+    snap = await core.call("fragmentation", {})
+    kc = Kcompactd(_nr_pageblocks(snap), order=order)
     while True:
         await trio.sleep(interval)
-        stats.wakeups += 1
-        await core.call("report", {"counters": {"compact_daemon_wake": 1}})
-        if defer:
-            defer -= 1
-            stats.deferred += 1
-            continue
-        r = await core.call("fragmentation", {})
-        p = int(r["proactiveness"]) if proactiveness is None else proactiveness
-        if p <= 0:
-            continue
-        score = fragmentation_score(r["free"])
-        _low, high = proactive_watermarks(p)
-        if score <= high:
-            backoff = 1
-            continue
-        await core.call("report", {"counters": {"proactive_compact_trigger": 1}})
-        await compact_remote(core, mode=MigrateMode.SYNC_LIGHT, proactiveness=p, stats=stats)
-        after = fragmentation_score((await core.call("fragmentation", {}))["free"])
-        if after >= score:  # no progress: don't hammer the owners
-            defer = backoff
-            backoff = min(backoff * 2, MAX_DEFER)
-        else:
-            backoff = 1
+        await kcompactd_wake(core, kc, proactiveness, stats, None)
+
+
+def _nr_pageblocks(frag: dict[str, Any]) -> int:
+    nr = frag.get("nr_pageblocks")
+    if not isinstance(nr, int) or nr <= 0:
+        raise RuntimeError("the core did not say how many pageblocks the pool has")
+    return nr
 
 
 async def run_compactor(
     control: str,
     *,
-    order: int = 9,
+    order: int = -1,
     proactiveness: int | None = None,
     once: bool = False,
     interval: float = 0.5,
+    model_clock: bool = False,
 ) -> CompactorStats:
+    """``model_clock``: wake when the core's modelled clock reaches each interval (a workload
+    player drives it), not on the wall clock."""
     stats = CompactorStats()
-    core = await connect(control, "compactor", "kcompactd")
+    kc: Kcompactd | None = None
+
+    async def on_call(peer: Peer, call: Call) -> Any:
+        if call.op != "wake" or kc is None:
+            raise CallError("EOPNOTSUPP", f"unknown call {call.op!r}")
+        now = call.args.get("now")
+        if not isinstance(now, int | float):
+            raise CallError("EINVAL", "now must be a number")
+        await kcompactd_wake(peer, kc, proactiveness, stats, float(now))
+        return 0
+
+    core = await connect(control, "compactor", "kcompactd", on_call=on_call)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(core.serve)
         try:
             if once:
                 await compact_remote(core, order=-1, mode=MigrateMode.SYNC, stats=stats)
+            elif model_clock:
+                kc = Kcompactd(_nr_pageblocks(await core.call("fragmentation", {})), order=order)
+                await core.call("kcompactd", {"interval_s": interval})
+                await trio.sleep_forever()
             else:
-                await proactive_loop(core, proactiveness, interval, stats)
+                await proactive_loop(core, proactiveness, interval, stats, order)
         finally:
             nursery.cancel_scope.cancel()
     return stats

@@ -1,9 +1,9 @@
 """The in-process backend: the memory model, the driver's logic and kcompactd on one clock.
 
 Everything runs in this process: :class:`gemfs.mm.MemoryManager` is the kernel,
-:class:`driver.inproc.InprocDriver` is i915 (a simulated GPU; waiting for it advances the
-simulated clock and counts as GPU stall), and :class:`Kcompactd` below wakes every
-``interval`` of simulated time to run the model's proactive compaction policy.
+:class:`driver.inproc.InprocDriver` is i915 (a simulated GPU; the mechanism asks it directly),
+and :class:`gemfs.mm.kcompactd.Kcompactd` -- the same rules the compactor process runs -- wakes
+on the modelled clock.
 """
 
 from __future__ import annotations
@@ -13,87 +13,31 @@ from collections.abc import Sequence
 import numpy as np
 
 from driver.gem import DriverObject
-from driver.inproc import InprocDriver, SimClock
-from gemfs.mm import CompactionPolicy, GemObject, MemoryManager, MigrateMode, OutOfMemory
-from gemfs.mm.ops import SHMEM_OPS
+from driver.inproc import InprocDriver
+from gemfs.mm import GemObject, MemoryManager, OutOfMemory
+from gemfs.mm.costs import CostTable
+from gemfs.mm.kcompactd import Kcompactd, WakeSchedule
 from gemfs.mm.pool import I64, PG_ALLOC, PG_MT_MASK, PG_MT_SHIFT
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
-from tools.backend import GpuSample, Handle, Sample
-from tools.workload import Compactor, Workload
-
-# Wakes to skip after a pass that did not lower the score (doubling from 1; as tools/compactor.py).
-MAX_DEFER = 32
-
-
-class Kcompactd:
-    """kcompactd in miniature, on the simulated clock; the same rules as tools/compactor.py.
-
-    Every wake counts ``compact_daemon_wake``. Proactive compaction: when the fragmentation score
-    is above the proactiveness high watermark, compact (SYNC_LIGHT) down to the low one; a pass
-    that does not lower the score defers the next 1, 2, 4 ... 32 wakes. ``order`` >= 0 adds
-    kswapd's kind of wake-up: when no free block of that order exists, compact for it (with the
-    same back-off of its own).
-    """
-
-    def __init__(self, mm: MemoryManager, settings: Compactor) -> None:
-        self.mm = mm
-        self.settings = settings
-        self.next_wake = settings.interval_s
-        self.defer = 0
-        self.backoff = 1
-        self.order_defer = 0
-        self.order_backoff = 1
-        mm.compaction_proactiveness = settings.proactiveness
-
-    def _run(self, policy: CompactionPolicy) -> None:
-        self.mm.run_policy(policy)
-        v = self.mm.vmstat
-        v.inc("compact_daemon_migrate_scanned", policy.stats.migrate_scanned)
-        v.inc("compact_daemon_free_scanned", policy.stats.free_scanned)
-
-    def wake(self) -> None:
-        mm, s = self.mm, self.settings
-        mm.vmstat.inc("compact_daemon_wake")
-        if s.order >= 0 and not mm.buddy.has_free_block(s.order):
-            if self.order_defer:
-                self.order_defer -= 1
-            else:
-                policy = CompactionPolicy(
-                    mm.pool.nr_pageblocks, order=s.order, mode=MigrateMode.SYNC_LIGHT
-                )
-                self._run(policy)
-                if mm.buddy.has_free_block(s.order):
-                    self.order_backoff = 1
-                else:
-                    self.order_defer = self.order_backoff
-                    self.order_backoff = min(self.order_backoff * 2, MAX_DEFER)
-        if self.defer:
-            self.defer -= 1
-            return
-        if s.proactiveness <= 0:
-            return
-        if not mm.should_proactive_compact(s.proactiveness):
-            self.backoff = 1
-            return
-        mm.vmstat.inc("proactive_compact_trigger")
-        before = mm.fragmentation_score()
-        self._run(mm.proactive_policy(s.proactiveness))
-        if mm.fragmentation_score() >= before:  # no progress: don't hammer the owners
-            self.defer = self.backoff
-            self.backoff = min(self.backoff * 2, MAX_DEFER)
-        else:
-            self.backoff = 1
+from tools.backend import GpuSample, Handle, ProbeResult, Sample
+from tools.workload import Workload
 
 
 class InprocBackend:
     """:class:`tools.backend.Backend` on the model, in this process (``gemfs run --inproc``)."""
 
+    name = "inproc"
+
     def __init__(self, workload: Workload, design: Design) -> None:
         self.design = design
-        self.clock = SimClock()
-        self.mm = MemoryManager(workload.pool, design=design)
-        self.driver = InprocDriver(self.mm, design, self.clock)
-        self.kcompactd = Kcompactd(self.mm, workload.compactor)
+        costs = CostTable.from_mapping(dict(workload.costs))
+        self.mm = MemoryManager(workload.pool, design=design, costs=costs)
+        self.clock = self.mm.clock
+        self.driver = InprocDriver(self.mm, design)
+        c = workload.compactor
+        self.mm.compaction_proactiveness = c.proactiveness
+        self.kcompactd = Kcompactd(self.mm.pool.nr_pageblocks, order=c.order)
+        self.schedule = WakeSchedule(c.interval_s)
         self._next = 1
         self._objects: dict[Handle, DriverObject] = {}
         self._files: dict[Handle, GemObject] = {}
@@ -132,8 +76,8 @@ class InprocBackend:
 
     def page_cache(self, size: int) -> Handle:
         h = self._handle()
+        # The rest of the system's page cache: no owner, plain shmem under every design.
         obj = self.mm.create_object(size, migratetype=MigrateType.MOVABLE, path=f"cache/{int(h)}")
-        obj.ops = SHMEM_OPS  # a file elsewhere (not on the driver's mount): plain shmem
         idx, pfns = obj.resident()
         self.mm.pool.frames[pfns, :8] = _stamps(obj.id, idx).view(np.uint8).reshape(-1, 8)
         self._files[h] = obj
@@ -152,12 +96,15 @@ class InprocBackend:
     def free_noise(self, handle: Handle) -> None:
         self.mm.free_kernel(self._noise.pop(handle))
 
-    def probe(self, order: int) -> bool:
-        pfn = self.mm.alloc_high_order(order, MigrateType.MOVABLE)
+    def probe(self, order: int) -> ProbeResult:
+        a = self.mm.allocs
+        before, compacted = len(a.latency_us), a.compacted
+        pfn = self.mm.allocate_huge(order, MigrateType.MOVABLE)
+        latency = a.latency_us[before]
         if pfn is None:
-            return False
+            return False, latency, False
         self._probes.append(pfn)
-        return True
+        return True, latency, a.compacted > compacted
 
     def release_probes(self) -> None:
         for pfn in self._probes:
@@ -169,27 +116,26 @@ class InprocBackend:
         self.mm.compact()
 
     def advance(self, seconds: float) -> None:
-        k = self.kcompactd
-        interval = k.settings.interval_s
+        mm = self.mm
         end = self.clock.now + max(0.0, seconds)
-        while k.next_wake <= end:
-            self.clock.now = max(self.clock.now, k.next_wake)
-            k.wake()
-            k.next_wake += interval
-            if k.next_wake <= self.clock.now:  # the clock jumped (a long GPU wait)
-                k.next_wake = self.clock.now + interval
-        self.clock.now = max(self.clock.now, end)
+        for at in self.schedule.due(self.clock.now, end):
+            self.clock.advance_to(at)
+            for policy in self.kcompactd.wake(
+                mm.free_blocks_per_order, mm.compaction_proactiveness
+            ):
+                mm.run_policy(policy)
+            for k, v in self.kcompactd.take_counters().items():
+                mm.vmstat.inc(k, v)
+        self.clock.advance_to(end)
 
     # -- statistics -------------------------------------------------------------------------
     def sample(self) -> Sample:
         mm = self.mm
         vm = mm.refresh_gauges()
-        lat = np.asarray(mm.callback_latency_us, dtype=np.float64)
-        p50, p99 = (np.percentile(lat, [50, 99]).tolist()) if len(lat) else (0.0, 0.0)
         st = self.driver.gem.stats
         gpu: GpuSample = {
             "batches": st.batches,
-            "stall_s": st.stall_s,
+            "stall_s": mm.ledger.gpu_stall_us / 1e6,
             "data_errors": st.data_errors,
             "migrate_calls": st.migrate_calls,
             "migrate_eagain": st.migrate_eagain,
@@ -208,10 +154,12 @@ class InprocBackend:
             "mixed_pageblocks": mm.mixed_pageblocks(),
             "pageblock_types": mm.pageblock_mt.astype(np.int64).tolist(),
             "pageblock_states": mm.pageblock_states().astype(np.int64).tolist(),
-            "callbacks": vm.get("gem_migrate_callbacks", 0) + vm.get("gem_invalidate_callbacks", 0),
-            "callback_p50_us": float(p50),
-            "callback_p99_us": float(p99),
+            "callbacks": mm.ledger.callbacks,
+            "callback_p50_us": 0.0,  # no wall-clock callbacks in process
+            "callback_p99_us": 0.0,
             "gpu": gpu,
+            "costs": mm.ledger.to_json(),
+            "cost_table": mm.costs.to_json(),
             "pageblock_mixed": self._mixed_blocks().tolist(),
         }
 

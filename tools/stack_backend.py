@@ -4,8 +4,10 @@ compactor, each its own process, talking over the control socket.
 Objects are created and executed through the driver's client socket (``gemfs gem`` does the
 same); page-cache files are written through the mount with ordinary system calls; kernel
 noise and high-order probes are core allocations made over the control socket; explicit
-compaction is one pass of the compactor process (``gemfs compactor --once``). Time is the wall
-clock, scaled by ``GEMFS_STACK_TIMESCALE`` (default 0.05) so a workload's minutes take seconds.
+compaction is one pass of the compactor process (``gemfs compactor --once``). Time is the
+mount's modelled clock: ``advance`` moves it (the compactor process, started with
+``--clock model``, wakes at its instants), so what a run reports does not depend on how fast
+or loaded this machine is; the stack runs as fast as it can.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gemfs.control.client import SyncClient
 from gemfs.control.peer import CallError
 from gemfs.mm import OutOfMemory
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
-from tools.backend import GpuSample, Handle, Sample
+from tools.backend import GpuSample, Handle, ProbeResult, Sample
 from tools.workload import Workload
 
 STARTUP_S = 30.0
@@ -73,8 +75,9 @@ class Stack:
         mount: str | None = None,
         *,
         proactiveness: int = 0,
-        order: int = 9,
-        interval_ms: int = 500,
+        order: int = -1,
+        interval_ms: float = 500,
+        model_clock: bool = False,
         allow_uids: Sequence[int] = (),
     ) -> None:
         self.design = design
@@ -83,6 +86,7 @@ class Stack:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._own_mount = mount is None
         self._closed = False
+        self.model_clock = model_clock
         try:
             self._start(pool, mount, proactiveness, order, interval_ms)
         except BaseException:
@@ -98,7 +102,12 @@ class Stack:
         return proc
 
     def _start(
-        self, pool: str | int, mount: str | None, proactiveness: int, order: int, interval_ms: int
+        self,
+        pool: str | int,
+        mount: str | None,
+        proactiveness: int,
+        order: int,
+        interval_ms: float,
     ) -> None:
         if mount is None:
             self.mountpoint = self.workdir / "mnt"
@@ -140,7 +149,7 @@ class Stack:
         drv = self._spawn("driver", [*_gemfs(), *cmd])
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
         self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
-        if proactiveness > 0:
+        if proactiveness > 0 or order >= 0:
             self.start_compactor(proactiveness=proactiveness, order=order, interval_ms=interval_ms)
 
     def driver_proc(self) -> subprocess.Popen[bytes]:
@@ -161,19 +170,28 @@ class Stack:
         self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
 
     def start_compactor(
-        self, *, proactiveness: int | None, order: int = 9, interval_ms: int = 500
+        self, *, proactiveness: int | None, order: int = -1, interval_ms: float = 500
     ) -> None:
-        """Start a proactive compactor process (another one may already run).
-
-        ``order`` < 0 (a workload's "no order-driven wake-ups") leaves the compactor's default.
-        """
+        """Start a kcompactd process (another one may already run); on the modelled clock it
+        registers with the core before this returns, so the next ``advance`` wakes it."""
         args = [*_gemfs(), "compactor", "--control", str(self.control)]
-        args += ["--interval-ms", str(max(10, interval_ms))]
+        args += ["--interval-ms", str(max(1, round(interval_ms)))]
         if proactiveness is not None:  # else the mount's knob decides
             args += ["--proactiveness", str(proactiveness)]
-        if order >= 0:
-            args += ["--order", str(order)]
-        self._spawn("compactor", args)
+        args += ["--order", str(order)]
+        if self.model_clock:
+            args += ["--clock", "model"]
+        proc = self._spawn("compactor", args)
+        if self.model_clock:
+            deadline = time.monotonic() + STARTUP_S
+            while not self._compactor_registered():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise StackError(f"the compactor did not start; log: {self.workdir}")
+                time.sleep(0.02)
+
+    def _compactor_registered(self) -> bool:
+        peers = self.core.call("stats")["peers"]
+        return any(p["role"] == "compactor" and p.get("driven") for p in peers)
 
     def compact_once(self) -> str:
         r = subprocess.run(
@@ -229,10 +247,10 @@ class Stack:
 class StackBackend:
     """:class:`tools.backend.Backend` on the real stack (``gemfs run`` without --inproc)."""
 
+    name = "stack"
+
     def __init__(self, workload: Workload, design: Design, mount: str | None = None) -> None:
         self.design = design
-        self.timescale = float(os.environ.get("GEMFS_STACK_TIMESCALE", "0.05"))
-        self.t0 = time.monotonic()
         self._next = 1
         self._objects: dict[Handle, int] = {}
         self._files: dict[Handle, tuple[str, int]] = {}
@@ -245,10 +263,13 @@ class StackBackend:
             mount,
             proactiveness=c.proactiveness,
             order=c.order,
-            interval_ms=int(c.interval_s * 1000 * self.timescale),
+            interval_ms=c.interval_s * 1000,
+            model_clock=True,
         )
         self.core, self.drv = self.stack.core, self.stack.drv
         self.mountpoint = self.stack.mountpoint
+        if workload.costs:
+            self.core.call("costs", {"table": dict(workload.costs)})
 
     def _handle(self) -> Handle:
         h = Handle(self._next)
@@ -279,14 +300,14 @@ class StackBackend:
 
     def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
         ids = [self._objects[h] for h in handles]
-        ms = duration_s * 1000 * self.timescale
+        ms = duration_s * 1000
         self.drv.call("exec", {"objs": ids, "duration_ms": ms, "write": write})
 
     def page_cache(self, size: int) -> Handle:
         h = self._handle()
         name = f"cache-{int(h)}"
-        try:
-            r = self.core.call("create", {"path": name, "size": 0, "mt": "movable"})
+        try:  # the pages are allocated at once (as in process), then written through the mount
+            r = self.core.call("create", {"path": name, "size": size, "mt": "movable"})
         except CallError as e:
             if e.errno in ("ENOSPC", "ENOMEM"):
                 raise OutOfMemory(str(e)) from None
@@ -314,13 +335,13 @@ class StackBackend:
     def free_noise(self, handle: Handle) -> None:
         self.core.call("free", {"pfn": self._noise.pop(handle)})
 
-    def probe(self, order: int) -> bool:
-        try:
-            r = self.core.call("alloc", {"order": order, "mt": "movable", "compact": True})
-        except CallError:
-            return False
-        self._probes.append(int(r["pfn"]))
-        return True
+    def probe(self, order: int) -> ProbeResult:
+        r = self.core.call("alloc", {"order": order, "mt": "movable", "compact": True})
+        pfn = int(r["pfn"])
+        if pfn < 0:
+            return False, float(r["latency_us"]), False
+        self._probes.append(pfn)
+        return True, float(r["latency_us"]), bool(r["compacted"])
 
     def release_probes(self) -> None:
         for pfn in self._probes:
@@ -332,17 +353,18 @@ class StackBackend:
         self.stack.compact_once()
 
     def advance(self, seconds: float) -> None:
-        time.sleep(max(0.0, seconds) * self.timescale)
+        self.core.call("advance", {"seconds": max(0.0, seconds)})
 
     def sample(self) -> Sample:
         s = self.core.call("stats")
         d = self.drv.call("stats")
-        lat = np.asarray(s["callback_latency_us"], dtype=np.float64)
+        lat = np.asarray(s["callback_wall_us"], dtype=np.float64)  # harness figure only
         p50, p99 = np.percentile(lat, [50, 99]).tolist() if len(lat) else (0.0, 0.0)
         vm = dict(s["vmstat"])
+        costs = dict(s["costs"])
         gpu: GpuSample = {
             "batches": int(d["batches"]),
-            "stall_s": float(d["stall_ms"]) / 1000,
+            "stall_s": float(costs["gpu_stall_ms"]) / 1000,
             "data_errors": int(d["data_errors"]),
             "migrate_calls": int(d["migrate_calls"]),
             "migrate_eagain": int(d["migrate_eagain"]),
@@ -351,7 +373,7 @@ class StackBackend:
         }
         blocks = s["pageblocks"]
         return {
-            "time_s": (time.monotonic() - self.t0) / self.timescale,
+            "time_s": float(s["clock"]),
             "pool_pages": int(s["nr_pages"]),
             "free_pages": int(s["free_pages"]),
             "buddyinfo": list(s["free"]),
@@ -361,10 +383,12 @@ class StackBackend:
             "mixed_pageblocks": int(s["mixed_pageblocks"]),
             "pageblock_types": np.frombuffer(s["pageblock_mt"], np.uint8).astype(int).tolist(),
             "pageblock_states": np.frombuffer(s["pageblock_states"], np.uint8).astype(int).tolist(),
-            "callbacks": vm.get("gem_migrate_callbacks", 0) + vm.get("gem_invalidate_callbacks", 0),
+            "callbacks": int(costs["callbacks"]),
             "callback_p50_us": float(p50),
             "callback_p99_us": float(p99),
             "gpu": gpu,
+            "costs": costs,
+            "cost_table": dict(s["cost_table"]),
         }
 
     def verify(self) -> int:

@@ -8,6 +8,9 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
     seed = 1                        # the same seed plays the same workload
     page_size = 4096                # optional; the model's frames are 4096 bytes
 
+    [costs]                         # optional: override the cost model (gemfs.mm.costs),
+    copy_page_us = 2.0              #   modelled µs per operation, e.g. flush_page_us = 10
+
     [compactor]                     # kcompactd's settings (all optional)
     proactiveness = 20              # 0..100 (vm.compaction_proactiveness); 0: none
     interval_ms = 500               # how often it wakes
@@ -54,6 +57,7 @@ was expected. tomllib gives no line numbers, so :class:`_Locator` finds keys in 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -66,6 +70,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from gemfs.mm.costs import CostTable
 from gemfs.mm.pool import check_pool_size
 from gemfs.mm.types import MAX_ORDER, PAGE_SIZE, MigrateType, format_size, parse_size
 
@@ -304,6 +309,7 @@ class Workload:
     seed: int
     compactor: Compactor
     phases: tuple[Phase, ...]
+    costs: tuple[tuple[str, float], ...] = ()  # [costs] overrides of gemfs.mm.costs.CostTable
 
     @property
     def pool_pages(self) -> int:
@@ -777,7 +783,7 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         raise WorkloadError(file, line, f"not valid TOML: {msg}") from None
     ctx = _Ctx(file, text)
     top = _Table(ctx, data, (), "workload")
-    top.allow(("name", "description", "pool", "seed", "page_size", "compactor", "phase"))
+    top.allow(("name", "description", "pool", "seed", "page_size", "compactor", "costs", "phase"))
     name = top.str_("name", Path(file).stem or "workload")
     description = top.str_("description", "")
     pool = top.size("pool")
@@ -797,6 +803,12 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
             interval_s=c.float_("interval_ms", 500.0, lo=1.0, hi=3_600_000.0) / 1000,
             order=c.int_("order", -1, lo=-1, hi=MAX_ORDER),
         )
+    costs: tuple[tuple[str, float], ...] = ()
+    if top.has("costs"):
+        ct = top.table("costs", "[costs]")
+        known = tuple(f.name for f in dataclasses.fields(CostTable))
+        ct.allow(known)
+        costs = tuple((k, ct.float_(k, lo=0.0, hi=1e9)) for k in known if ct.has(k))
     raw_phases = top.raw("phase")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise top.error("phase", "phase must be one or more [[phase]] tables")
@@ -811,6 +823,7 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         seed=seed,
         compactor=compactor,
         phases=phases,
+        costs=costs,
     )
 
 

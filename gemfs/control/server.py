@@ -1,10 +1,12 @@
 """The core's side of the control socket (trio): peers, ownership, pins, remote callbacks.
 
 Drivers, compactors and clients connect here. A driver owns the objects it created or opened,
-pins their pages through the core, and registers address-space operations whose callbacks the
-core sends back over the same connection. Migration with remote owners runs the model's
-mechanism in phases (:meth:`MemoryManager.migrate_begin` ... ``migrate_end``) around the awaited
-callbacks, so the event loop (and the FUSE mount) keeps serving while a driver waits for its GPU.
+pins their pages through the core, and registers itself as their owner (per object, for the
+mount, or as a notifier); the core sends its asks back over the same connection. Migration runs
+the model's one mechanism (:class:`gemfs.mm.migrate.Migration`), delivering its asks to all
+owners at once and awaiting them, so the event loop (and the FUSE mount) keeps serving while a
+driver decides. All times are modelled: the pool's clock moves only by ``advance`` (which wakes
+a driven compactor at its instants) and by what allocating tasks wait.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from gemfs.control.arrays import pack_i32, pack_i64
 from gemfs.control.peer import CallError, Credentials, Peer, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
 from gemfs.mm import CompactionPolicy, CompactResult, GemObject, MemoryManager, MigrateMode
-from gemfs.mm.core import MigrateOutcome, MigrationBatch, MigrationRequest
-from gemfs.mm.ops import SHMEM_OPS, MigrationCore, Results
-from gemfs.mm.pool import I64, Bools
+from gemfs.mm.core import MigrateOutcome, ObjectError
+from gemfs.mm.costs import CostTable, Task
+from gemfs.mm.kcompactd import WakeSchedule
+from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migration
+from gemfs.mm.pool import I64
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
 from gemfs.mm.vmstat import VMSTAT_COUNTERS
 
@@ -92,6 +96,20 @@ def _pfns(args: dict[str, Any], key: str, limit: int) -> I64:
     return a
 
 
+def _time(args: dict[str, Any], key: str, default: float) -> float:
+    v = args.get(key, default)
+    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1e12:
+        raise _err(errno.EINVAL, f"argument {key!r} must be a time in seconds >= 0")
+    return float(v)
+
+
+def _waited(r: dict[str, Any]) -> float:
+    w = r.get("waited_s", 0.0)
+    if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w < 1e9:
+        raise CallError("EPROTO", "waited_s must be a number of seconds >= 0")
+    return float(w)
+
+
 def _mode(args: dict[str, Any]) -> MigrateMode:
     try:
         return MigrateMode.parse(str(args.get("mode", "sync")))
@@ -110,35 +128,12 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
-class RemoteOps:
-    """Address-space ops whose callbacks go to a driver over its connection.
-
-    Called synchronously (the model's own in-process path, e.g. a direct compaction inside an
-    allocation) it cannot reach the driver, so it answers -EAGAIN: the page stays where it is.
-    """
+class RemoteOwner:
+    """A driver connection as an owner of pages: the mechanism's asks go to it as calls."""
 
     def __init__(self, state: PeerState) -> None:
         self.state = state
         self.name = f"remote:{state.peer.name}"
-
-    def isolate(self, core: MigrationCore, obj: GemObject, idx: I64) -> Bools:
-        return np.ones(len(idx), dtype=np.bool_)
-
-    def migrate(
-        self, core: MigrationCore, obj: GemObject, idx: I64, src: I64, dst: I64, mode: MigrateMode
-    ) -> Results:
-        return np.full(len(idx), -EAGAIN, dtype=np.int32)
-
-    def putback(self, core: MigrationCore, obj: GemObject, idx: I64) -> None:
-        return None
-
-
-class RemoteNotifier:
-    def __init__(self, state: PeerState) -> None:
-        self.state = state
-
-    def invalidate(self, core: MigrationCore, obj: GemObject, start: int, count: int) -> int:
-        return -EAGAIN
 
 
 @dataclass(eq=False)
@@ -146,14 +141,12 @@ class PeerState:
     peer: Peer
     creds: Credentials
     owned: set[int] = field(default_factory=set)
-    pins: dict[int, np.ndarray] = field(default_factory=dict)  # obj id -> bool per page index
     kernel_allocs: set[int] = field(default_factory=set)
-    ops: RemoteOps | None = None
-    notifier: RemoteNotifier | None = None
+    owner: RemoteOwner = field(init=False)
+    schedule: WakeSchedule | None = None  # a compactor driven on the modelled clock
 
     def __post_init__(self) -> None:
-        self.ops = RemoteOps(self)
-        self.notifier = RemoteNotifier(self)
+        self.owner = RemoteOwner(self)
 
 
 class ControlServer:
@@ -172,7 +165,12 @@ class ControlServer:
         self.callback_timeout = callback_timeout
         self.peers: dict[int, PeerState] = {}
         self.migrate_lock = trio.Lock()
+        self.advance_lock = trio.Lock()
         self.stats = {"connections": 0, "refused": 0, "protocol_errors": 0, "callbacks": 0}
+        # Harness figure (wall clock, not modelled): how long owners took to answer over the
+        # socket. Never part of a design's metrics.
+        self.callback_wall_us: list[float] = []
+        self._token = 0  # names a migrate ask and its "migrated" notice
         self._listener: trio.socket.SocketType | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -247,26 +245,17 @@ class ControlServer:
         """A peer left (or died): release its pins and ops; its objects stay as plain files."""
         self.peers.pop(id(state.peer), None)
         mm = self.mm
-        for oid, held in state.pins.items():
-            obj = mm.objects.get(oid)  # type: ignore[call-overload]
-            if obj is None:
-                continue
-            idx = np.flatnonzero(held[: len(obj.pages)])
-            pfns = obj.pages[idx]
-            pfns = pfns[pfns >= 0]
-            if len(pfns):
-                mm.unpin_pages(pfns)
-        state.pins.clear()
+        mm.release_owner(state.owner)
         for oid in state.owned:
             obj = mm.objects.get(oid)  # type: ignore[call-overload]
             if obj is None:
                 continue
-            if obj.ops is state.ops:
+            if obj.ops is state.owner:
                 obj.ops = None
-            if obj.notifier is state.notifier:
+            if obj.notifier is state.owner:
                 obj.notifier = None
             obj.owner_tag = ""
-        if mm.mount_ops is state.ops:
+        if mm.mount_ops is state.owner:
             mm.mount_ops = None
         for pfn in state.kernel_allocs:
             if pfn in mm.kernel_pages:
@@ -301,16 +290,6 @@ class ControlServer:
         count = _int(args, "count", 0, obj.nr_pages - start)
         return start, count
 
-    def _pins_of(self, state: PeerState, obj: GemObject) -> np.ndarray:
-        held = state.pins.get(obj.id)
-        n = max(obj.nr_pages, len(obj.pages))
-        if held is None or len(held) < n:
-            grown = np.zeros(n, dtype=np.bool_)
-            if held is not None:
-                grown[: len(held)] = held
-            held = state.pins[obj.id] = grown
-        return held
-
     # -- calls ----------------------------------------------------------------------------------
     async def _on_call(self, peer: Peer, call: Call) -> Any:
         state = self._state(peer)
@@ -339,6 +318,7 @@ class ControlServer:
                     raise _err(e.errno or errno.EIO, str(e)) from None
                 state.owned.add(obj.id)
                 obj.owner_tag = peer.name
+                obj.private = role == "driver"  # a driver's object, not the system's page cache
                 return {"obj": obj.id, "path": self.kernel.path_of(obj), "pages": obj.nr_pages}
             case "open" if role in ("driver", "client"):
                 path = _str(args, "path")
@@ -351,6 +331,7 @@ class ControlServer:
                     raise _err(errno.EPERM, f"{path}: no write permission")
                 state.owned.add(obj.id)
                 obj.owner_tag = peer.name
+                obj.private = obj.private or role == "driver"
                 return {"obj": obj.id, "pages": obj.nr_pages, "size": obj.size}
             case "close":
                 obj = self._owned(state, args)
@@ -364,42 +345,33 @@ class ControlServer:
             case "pin":
                 obj = self._owned(state, args)
                 start, count = self._range(obj, args)
-                if np.any(mm.pool.flags[obj.pages[obj.pages >= 0]] & 0x08):
-                    # A page of this object is mid-migration; pinning now would race it.
-                    raise _err(errno.EAGAIN, "object is being migrated")
-                try:
-                    pfns = mm.populate(obj, start, count)
+                try:  # no pin on pages mid-migration (EAGAIN): the range is being moved
+                    pfns = mm.hold(state.owner, obj, start, count)
                 except OutOfMemory as e:
                     raise _err(errno.ENOSPC, str(e)) from None
-                held = self._pins_of(state, obj)
-                new = ~held[start : start + count]
-                mm.pin_pages(pfns[new])
-                held[start : start + count] = True
-                return {"frames": pfns.astype("<i8").tobytes()}
+                except ObjectError as e:
+                    raise _err(e.errno, str(e)) from None
+                return {"frames": pfns.astype("<i8").tobytes(), "now": mm.clock.now}
             case "unpin":
                 obj = self._owned(state, args)
                 start, count = self._range(obj, args)
-                held = self._pins_of(state, obj)
-                seg = held[start : start + count]
-                pfns = obj.pages[start : start + count][seg]
-                mm.unpin_pages(pfns[pfns >= 0])
-                seg[:] = False
+                mm.release(state.owner, obj, start, count)
                 return 0
             case "register_ops" if role == "driver":
                 obj = self._owned(state, args)
                 self._require(Design.SHMEM_HOOK, "per-object ops")
-                obj.ops = state.ops
+                obj.ops = state.owner
                 return 0
             case "claim_mount" if role == "driver":
                 self._require(Design.GEMFS, "claiming the mount")
-                if mm.mount_ops is not None and mm.mount_ops is not state.ops:
+                if mm.mount_ops is not None and mm.mount_ops is not state.owner:
                     raise _err(errno.EBUSY, "another driver has claimed the mount")
-                mm.mount_ops = state.ops
+                mm.mount_ops = state.owner
                 return 0
             case "register_notifier" if role == "driver":
                 obj = self._owned(state, args)
                 self._require(Design.NOTIFIER, "notifiers")
-                obj.notifier = state.notifier
+                obj.notifier = state.owner
                 return 0
             case "content_changed":
                 obj = self._owned(state, args)
@@ -419,8 +391,13 @@ class ControlServer:
                 dst = _pfns(args, "dst", 1 << 16)
                 if len(src) != len(dst):
                     raise _err(errno.EINVAL, "src and dst differ in length")
-                out = await self.migrate_pages(src, dst, _mode(args))
-                return {"results": pack_i32(out.results), "free": mm.free_blocks_per_order()}
+                task = Task(_time(args, "now", mm.clock.now))
+                out = await self.migrate_pages(src, dst, _mode(args), task)
+                return {
+                    "results": pack_i32(out.results),
+                    "free": mm.free_blocks_per_order(),
+                    "t": task.t,
+                }
             case "compact" if role in ("compactor", "client"):
                 order = _int(args, "order", 0, MAX_ORDER) if args.get("order", -1) != -1 else -1
                 result = await self.compact(order, _mode(args))
@@ -432,6 +409,7 @@ class ControlServer:
                     "free": mm.free_blocks_per_order(),
                     "score": mm.fragmentation_score(),
                     "proactiveness": mm.compaction_proactiveness,
+                    "nr_pageblocks": mm.pool.nr_pageblocks,
                 }
             case "frames":
                 obj = self._owned(state, args) if role != "client" else self._any(args)
@@ -450,24 +428,56 @@ class ControlServer:
                 for k, v in counters.items():
                     if k in COMPACTOR_COUNTERS and isinstance(v, int):
                         mm.vmstat.inc(k, max(0, v))
+                scanned = args.get("scanned", 0)  # the compactor's scanners: charged as scanning
+                if isinstance(scanned, int) and scanned > 0:
+                    mm.charge_scan_pages(scanned)
                 return 0
+            case "clock":
+                return {"now": mm.clock.now}
+            case "costs" if role == "client":  # a workload's [costs] table
+                table = args.get("table")
+                if not isinstance(table, dict):
+                    raise _err(errno.EINVAL, "table must be a map of cost names to µs")
+                try:
+                    mm.costs = CostTable.from_mapping(table)
+                except ValueError as e:
+                    raise _err(errno.EINVAL, str(e)) from None
+                return mm.costs.to_json()
+            case "advance" if role in ("client", "driver"):
+                if "to" in args:
+                    to = _time(args, "to", mm.clock.now)
+                else:
+                    to = mm.clock.now + _time(args, "seconds", 0.0)
+                await self.advance_to(to)
+                return {"now": mm.clock.now}
+            case "kcompactd" if role == "compactor":
+                # The compactor asks to be woken on the modelled clock every interval_s.
+                interval = args.get("interval_s")
+                if not isinstance(interval, int | float) or not 0 < interval <= 3600:
+                    raise _err(errno.EINVAL, "interval_s must be in (0, 3600]")
+                state.schedule = WakeSchedule(float(interval), mm.clock.now + float(interval))
+                return {"now": mm.clock.now}
             case "alloc" if role == "client":
                 order = _int(args, "order", 0, MAX_ORDER)
                 try:
                     mt = MigrateType.parse(str(args.get("mt", "unmovable")))
                 except ValueError as e:
                     raise _err(errno.EINVAL, str(e)) from None
+                latency = 0.0
+                compacted = False
                 if args.get("compact"):
-                    pfn = await self.alloc_high_order(order, mt)
+                    pfn, latency, compacted = await self.allocate_huge(order, mt)
                 else:
                     try:
                         pfn = mm.alloc_kernel(order, mt)
                     except OutOfMemory:
                         pfn = None
                 if pfn is None:
+                    if args.get("compact"):  # the attempt and its latency are part of the answer
+                        return {"pfn": -1, "latency_us": latency, "compacted": False}
                     raise _err(errno.ENOMEM, f"no free block of order {order}")
                 state.kernel_allocs.add(pfn)
-                return {"pfn": pfn}
+                return {"pfn": pfn, "latency_us": latency, "compacted": compacted}
             case "free" if role == "client":
                 pfn = _int(args, "pfn", 0, mm.pool.nr_pages)
                 if pfn not in state.kernel_allocs:
@@ -485,16 +495,10 @@ class ControlServer:
             )
 
     def _release_object(self, state: PeerState, obj: GemObject) -> None:
-        held = state.pins.pop(obj.id, None)
-        if held is not None:
-            idx = np.flatnonzero(held[: len(obj.pages)])
-            pfns = obj.pages[idx]
-            pfns = pfns[pfns >= 0]
-            if len(pfns):
-                self.mm.unpin_pages(pfns)
-        if obj.ops is state.ops:
+        self.mm.release(state.owner, obj, 0, max(obj.nr_pages, len(obj.pages)))
+        if obj.ops is state.owner:
             obj.ops = None
-        if obj.notifier is state.notifier:
+        if obj.notifier is state.owner:
             obj.notifier = None
         state.owned.discard(obj.id)
 
@@ -513,254 +517,164 @@ class ControlServer:
             "mixed_pageblocks": mm.mixed_pageblocks(),
             "pageblock_states": mm.pageblock_states().tobytes(),
             "pageblock_mt": mm.pool.pageblock_mt.tobytes(),
-            "callback_latency_us": mm.callback_latency_us[-10000:],
+            "callback_wall_us": self.callback_wall_us[-10000:],  # harness, not modelled
+            "clock": mm.clock.now,
+            "costs": mm.ledger.to_json(),
+            "cost_table": mm.costs.to_json(),
+            "allocs": {
+                "attempts": mm.allocs.attempts,
+                "successes": mm.allocs.successes,
+                "compacted": mm.allocs.compacted,
+            },
             "peers": [
-                {"role": s.peer.role, "name": s.peer.name, "pid": s.creds.pid}
+                {
+                    "role": s.peer.role,
+                    "name": s.peer.name,
+                    "pid": s.creds.pid,
+                    "driven": s.schedule is not None,
+                }
                 for s in self.peers.values()
             ],
         }
 
     # -- migration with remote owners ------------------------------------------------------------
-    async def migrate_pages(self, src: I64, dst: I64, mode: MigrateMode) -> MigrateOutcome:
-        """One batch, run to its end even if the caller goes away (a killed compactor must not
-        leave pages isolated or targets taken); every callback in it is time-boxed."""
+    async def migrate_pages(
+        self, src: I64, dst: I64, mode: MigrateMode, task: Task | None = None
+    ) -> MigrateOutcome:
+        """One batch through the mechanism, its asks delivered to every owner at once.
+
+        It runs to its end even if the caller goes away (a killed compactor must not leave
+        pages isolated or targets taken); every ask is time-boxed (wall clock: a silent
+        driver is a fault, not a modelled cost)."""
         async with self.migrate_lock:
             with trio.CancelScope(shield=True):
-                batch = self.mm.migrate_begin(src, dst, mode)
-                # Each object's share goes to its owner at the same time (they are disjoint),
-                # so a batch costs about one callback round trip, not one per object.
-                groups: dict[int, list[MigrationRequest]] = {}
+                m = Migration(self.mm, src, dst, mode, task or Task(self.mm.clock.now))
+                asks = m.start()
                 async with trio.open_nursery() as nursery:
-                    for req in batch.requests:
-                        ops = self.mm.ops_for(req.obj)
-                        if isinstance(ops, RemoteOps) and req.obj.notifier is None:
-                            groups.setdefault(id(ops.state), []).append(req)
-                        else:
-                            nursery.start_soon(self._run_one, batch, req, mode)
-                    for reqs in groups.values():  # one call per driver for all its objects
-                        nursery.start_soon(self._run_group_safely, batch, reqs, mode)
-                return self.mm.migrate_end(batch)
+                    for ask in asks:
+                        nursery.start_soon(self._deliver, m, ask)
+                return m.finish()
         raise AssertionError("unreachable")  # pragma: no cover - a shielded scope returns
 
-    async def _run_one(
-        self, batch: MigrationBatch, req: MigrationRequest, mode: MigrateMode
-    ) -> None:
+    async def _deliver(self, m: Migration, ask: Ask) -> None:
+        """Put one ask to its owner, hand the answer to the machine, send back the notice."""
+        owner = ask.owner
+        if not isinstance(owner, RemoteOwner):  # an in-process owner (not on a mount today)
+            answer = getattr(owner, "answer", None)
+            m.answer(ask, answer(ask) if answer else Answer.failure("unreachable"))
+            return
+        state = owner.state
+        self._token += 1
+        token = self._token
+        t0 = time.perf_counter()
         try:
-            res = await self._run_request(batch, req, mode)
-        except Exception:
-            log.exception("migration of object %d failed", req.obj.id)
-            res = self._abort_request(req)
-        self.mm.migrate_finish_request(batch, req, res)
-
-    async def _run_group_safely(
-        self, batch: MigrationBatch, reqs: list[MigrationRequest], mode: MigrateMode
-    ) -> None:
-        try:
-            results = await self._run_group(reqs, mode)
-        except Exception:
-            log.exception("migration of objects %s failed", [r.obj.id for r in reqs])
-            results = [self._abort_request(r) for r in reqs]
-        for req, res in zip(reqs, results, strict=True):
-            self.mm.migrate_finish_request(batch, req, res)
-
-    def _abort_request(self, req: MigrationRequest) -> Results:
-        """Something broke mid-request: every page that did not reach its target goes back."""
-        mm = self.mm
-        isolated = (mm.pool.flags[req.src] & 0x08) != 0
-        out = np.full(int(np.count_nonzero(isolated)), -errno.EIO, dtype=np.int32)
-        mm.vmstat.inc("pgmigrate_aborted", len(out))
-        return mm.settle_request(req, isolated, out, None)
-
-    async def _run_request(
-        self, batch: MigrationBatch, req: MigrationRequest, mode: MigrateMode
-    ) -> Results:
-        mm = self.mm
-        part, live = mm.narrow_request(req)  # earlier requests may have awaited: look again
-        if part is not req:
-            res = np.full(len(req.src), -errno.EBUSY, dtype=np.int32)
-            if len(part.src):
-                res[live] = await self._run_request(batch, part, mode)
-            return res
-        obj = req.obj
-        if isinstance(obj.notifier, RemoteNotifier):
-            return await self._run_notifier(req, obj.notifier.state)
-        ops = mm.ops_for(obj)
-        if not isinstance(ops, RemoteOps):
-            return mm.migrate_request_local(req, mode)
-        return (await self._run_group([req], mode))[0]
-
-    async def _run_group(self, reqs: list[MigrationRequest], mode: MigrateMode) -> list[Results]:
-        """One driver's share of a batch: one ``migrate`` call for all its objects, then the
-        moves it consented to, then one ``migrated`` notice. Results per request."""
-        mm = self.mm
-        ops = mm.ops_for(reqs[0].obj)
-        assert isinstance(ops, RemoteOps)
-        state = ops.state
-        entries = []  # (request, live part, live mask, isolated mask of the part)
-        for req in reqs:
-            part, live = mm.narrow_request(req)
-            isolated = mm.isolate_request(part, ops) if len(part.src) else live[:0]
-            entries.append((req, part, live, isolated))
-        sent = [(e, np.flatnonzero(e[3])) for e in entries if np.any(e[3])]
-        answers: list[Results] = [np.full(len(ii), -EAGAIN, dtype=np.int32) for _e, ii in sent]
-        npages = sum(len(ii) for _e, ii in sent)
-        if sent:
-            t0 = time.perf_counter()
-            mm.vmstat.inc("gem_migrate_callbacks")
-            mm.vmstat.inc("gem_migrate_callback_pages", npages)
+            ans = await self._ask(state, ask, token)
+        except Exception:  # never leave the batch half-done
+            log.exception("ask to %s failed", owner.name)
+            ans = Answer.failure("protocol")
+        self.callback_wall_us.append((time.perf_counter() - t0) * 1e6)
+        self.stats["callbacks"] += 1
+        notice = m.answer(ask, ans)
+        if notice is not None and id(state.peer) in self.peers:  # always release its objects
+            notes = [
+                {
+                    "obj": obj.id,
+                    "idx": pack_i64(idx),
+                    "dst": pack_i64(dst),
+                    "ok": ok.astype(np.uint8).tobytes(),
+                }
+                for obj, idx, dst, ok in notice.parts
+            ]
             try:
-                answer = await state.peer.call(
-                    "migrate",
+                await state.peer.notify("migrated", {"objs": notes, "token": token})
+            except CallError:
+                pass
+
+    async def _ask(self, state: PeerState, ask: Ask, token: int) -> Answer:
+        mode = ask.mode.name.lower()
+        try:
+            if isinstance(ask, AskInvalidate):
+                r = await state.peer.call(
+                    "invalidate",
                     {
-                        "objs": [
-                            {
-                                "obj": e[1].obj.id,
-                                "idx": pack_i64(e[1].idx[ii]),
-                                "src": pack_i64(e[1].src[ii]),
-                                "dst": pack_i64(e[1].dst[ii]),
-                            }
-                            for e, ii in sent
-                        ],
-                        "mode": mode.name.lower(),
+                        "obj": ask.part.obj.id,
+                        "start": ask.start,
+                        "count": ask.count,
+                        "mode": mode,
+                        "now": ask.now,
                     },
                     answer_within=self.callback_timeout,
                 )
-                got = answer.get("results") if isinstance(answer, dict) else None
-                if not isinstance(got, list) or len(got) != len(sent):
-                    raise CallError("EPROTO", "migrate answer has the wrong shape")
-                parsed = [arrays.results(g) for g in got]
-                if any(len(a) != len(ii) for a, (_e, ii) in zip(parsed, sent, strict=True)):
-                    raise CallError("EPROTO", "migrate answer has the wrong shape")
-                answers = parsed
-            except CallError as e:
-                if e.errno == "ETIMEDOUT":
-                    mm.vmstat.inc("gem_callback_timeouts")
-                elif e.errno in ("ENOTCONN", "EPROTO"):
-                    mm.vmstat.inc("pgmigrate_aborted", npages)
-                if e.errno == "EPROTO":
-                    await state.peer.aclose()
-            except ValueError:  # results that are not int32 bytes or ints
-                await state.peer.aclose()
-            us = (time.perf_counter() - t0) * 1e6
-            mm.callback_latency_us.append(us)
-            mm.vmstat.inc("gem_migrate_callback_us_total", int(us))
-            self.stats["callbacks"] += 1
-        outs = {id(e[0]): a for (e, _ii), a in zip(sent, answers, strict=True)}
-        results: list[Results] = []
-        notices = []
-        for req, part, live, isolated in entries:
-            ii = np.flatnonzero(isolated)
-            out = outs.get(id(req), np.full(len(ii), -EAGAIN, dtype=np.int32))
-            res_part = self._consent(state, part, isolated, ii, out) if len(part.src) else out
-            res = np.full(len(req.src), -errno.EBUSY, dtype=np.int32)
-            res[live] = res_part
-            results.append(res)
-            if len(ii):
-                notices.append(
-                    {
-                        "obj": part.obj.id,
-                        "idx": pack_i64(part.idx[ii]),
-                        "dst": pack_i64(part.dst[ii]),
-                        "ok": (res_part[ii] == 0).astype(np.uint8).tobytes(),
-                    }
-                )
-        if notices and id(state.peer) in self.peers:  # always release the driver's objects
-            try:
-                await state.peer.notify("migrated", {"objs": notices})
-            except CallError:
-                pass
-        return results
-
-    def _consent(
-        self,
-        state: PeerState,
-        req: MigrationRequest,
-        isolated: Bools,
-        ii: I64,
-        out: Results,
-    ) -> Results:
-        """The driver consented where out == 0: it stopped using those pages. Move them now,
-        carrying its pin from the old frame to the new one; put back the rest."""
-        mm = self.mm
-        obj = req.obj
-        idx, src, dst = req.idx[ii], req.src[ii], req.dst[ii]
-        out = out.copy()
-        alive = mm.objects.get(obj.id) is obj and id(state.peer) in self.peers
-        consent = (out == 0) & alive
-        if alive:
-            # A page truncated or moved while we waited for the answer does not move.
-            inside = idx < len(obj.pages)
-            still = np.zeros(len(idx), dtype=np.bool_)
-            still[inside] = obj.pages[idx[inside]] == src[inside]
-            out[consent & ~still] = -errno.EBUSY
-            consent &= still
-        if np.any(consent):
-            held = self._pins_of(state, obj)[idx] & consent
-            mm.unpin_pages(src[held])
-            moved = mm.migrate_folio(obj, idx[consent], src[consent], dst[consent])
-            out[consent] = moved
-            ok = out == 0
-            mm.pin_pages(np.where(ok, dst, src)[held])
-        res = mm.settle_request(req, isolated, out, SHMEM_OPS)
-        mm.vmstat.inc("gem_migrate_callback_eagain", int(np.count_nonzero(res == -EAGAIN)))
-        mm.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(res == -errno.EBUSY)))
-        return res
-
-    async def _run_notifier(self, req: MigrationRequest, state: PeerState) -> Results:
-        mm = self.mm
-        obj = req.obj
-        lo, hi = int(req.idx.min()), int(req.idx.max()) + 1
-        t0 = time.perf_counter()
-        rc = -EAGAIN
-        try:
-            answer = await state.peer.call(
-                "invalidate",
-                {"obj": obj.id, "start": lo, "count": hi - lo},
+                if not isinstance(r, dict) or not isinstance(r.get("rc"), int):
+                    raise CallError("EPROTO", "invalidate answer has the wrong shape")
+                return Answer(rc=int(r["rc"]), waited_s=_waited(r))
+            r = await state.peer.call(
+                "migrate",
+                {
+                    "objs": [
+                        {
+                            "obj": p.obj.id,
+                            "idx": pack_i64(p.idx),
+                            "src": pack_i64(p.src),
+                            "dst": pack_i64(p.dst),
+                        }
+                        for p in ask.parts
+                    ],
+                    "mode": mode,
+                    "now": ask.now,
+                    "token": token,
+                },
                 answer_within=self.callback_timeout,
             )
-            rc = answer if isinstance(answer, int) else -errno.EPROTO
+            got = r.get("results") if isinstance(r, dict) else None
+            if not isinstance(got, list) or len(got) != len(ask.parts):
+                raise CallError("EPROTO", "migrate answer has the wrong shape")
+            parsed = tuple(arrays.results(g) for g in got)
+            if any(len(a) != len(p.idx) for a, p in zip(parsed, ask.parts, strict=True)):
+                raise CallError("EPROTO", "migrate answer has the wrong shape")
+            return Answer(results=parsed, waited_s=_waited(r))
         except CallError as e:
             if e.errno == "ETIMEDOUT":
-                mm.vmstat.inc("gem_callback_timeouts")
-        mm.vmstat.inc("gem_invalidate_callbacks")
-        mm.callback_latency_us.append((time.perf_counter() - t0) * 1e6)
-        self.stats["callbacks"] += 1
-        if rc != 0 or mm.objects.get(obj.id) is not obj:
-            return np.full(len(req.src), -EAGAIN if rc == 0 else -abs(rc), dtype=np.int32)
-        # The driver dropped its GTT for the range: its pins there are gone.
-        held = self._pins_of(state, obj)
-        seg = held[lo:hi]
-        pfns = obj.pages[lo:hi][seg[: len(obj.pages[lo:hi])]]
-        mm.unpin_pages(pfns[pfns >= 0])
-        seg[:] = False
-        isolated = mm.isolate_request(req, SHMEM_OPS)
-        ii = np.flatnonzero(isolated)
-        out = mm.migrate_folio(obj, req.idx[ii], req.src[ii], req.dst[ii])
-        return mm.settle_request(req, isolated, out, SHMEM_OPS)
+                return Answer.failure("timeout")
+            if e.errno == "EPROTO":
+                await state.peer.aclose()
+            return Answer.failure("gone" if e.errno == "ENOTCONN" else "protocol")
+        except ValueError:  # results that are not int32 bytes or ints
+            await state.peer.aclose()
+            return Answer.failure("protocol")
 
     async def compact(self, order: int = -1, mode: MigrateMode = MigrateMode.SYNC) -> CompactResult:
         """compact_zone() with the core's own policy, callbacks awaited."""
         policy = CompactionPolicy(self.mm.pool.nr_pageblocks, order=order, mode=mode)
         return await self.run_policy(policy)
 
-    async def run_policy(self, policy: CompactionPolicy) -> CompactResult:
+    async def run_policy(self, policy: CompactionPolicy, task: Task | None = None) -> CompactResult:
         mm = self.mm
+        task = task or Task(mm.clock.now)
+        scanned = 0
         while (batch := policy.next_batch(mm)) is not None:
-            out = await self.migrate_pages(batch.src, batch.dst, policy.mode)
+            scanned = mm.charge_scan(policy.stats, scanned, task)
+            out = await self.migrate_pages(batch.src, batch.dst, policy.mode, task)
             policy.batch_done(batch, out.results)
             await trio.lowlevel.checkpoint()
+        mm.charge_scan(policy.stats, scanned, task)
         mm.vmstat.inc("compact_migrate_scanned", policy.stats.migrate_scanned)
         mm.vmstat.inc("compact_free_scanned", policy.stats.free_scanned)
         return policy.result
 
-    async def alloc_high_order(self, order: int, mt: MigrateType) -> int | None:
+    async def alloc_high_order(
+        self, order: int, mt: MigrateType, task: Task | None = None
+    ) -> int | None:
         mm = self.mm
         try:
             return mm.alloc_kernel(order, mt)
         except OutOfMemory:
             pass
         mm.vmstat.inc("compact_stall")
-        await self.compact(order, MigrateMode.SYNC_LIGHT)
+        await self.run_policy(
+            CompactionPolicy(mm.pool.nr_pageblocks, order=order, mode=MigrateMode.SYNC_LIGHT),
+            task,
+        )
         try:
             pfn = mm.alloc_kernel(order, mt)
         except OutOfMemory:
@@ -768,6 +682,43 @@ class ControlServer:
             return None
         mm.vmstat.inc("compact_success")
         return pfn
+
+    async def allocate_huge(self, order: int, mt: MigrateType) -> tuple[int | None, float, bool]:
+        """A high-order allocation as a task sees it: (pfn or None, modelled µs, compacted)."""
+        mm = self.mm
+        task = Task(mm.clock.now)
+        stalls = mm.vmstat["compact_stall"]
+        compacted = mm.allocs.compacted
+        pfn: int | None = None
+        try:
+            pfn = await self.alloc_high_order(order, mt, task)
+        finally:
+            latency = mm.end_alloc(task, pfn, stalls)
+        return pfn, latency, mm.allocs.compacted > compacted
+
+    async def advance_to(self, to: float) -> None:
+        """Let modelled time pass to ``to``, waking each driven compactor at its instants."""
+        mm = self.mm
+        async with self.advance_lock:
+            while True:
+                due = [
+                    (s.schedule.next_wake, id(s), s)
+                    for s in self.peers.values()
+                    if s.schedule is not None and s.schedule.next_wake <= to
+                ]
+                if not due:
+                    break
+                at, _, state = min(due, key=lambda d: (d[0], d[1]))
+                assert state.schedule is not None
+                for wake in state.schedule.due(mm.clock.now, at):
+                    mm.clock.advance_to(wake)
+                    try:
+                        await state.peer.call("wake", {"now": wake}, answer_within=600)
+                    except CallError as e:
+                        log.warning("compactor %s did not wake: %s", state.peer.name, e)
+                        state.schedule = None
+                        break
+            mm.clock.advance_to(to)
 
     async def aclose_peers(self) -> None:
         """Shutdown: disconnect every peer cleanly (they see EOF)."""

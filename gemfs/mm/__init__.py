@@ -6,7 +6,7 @@ No I/O (besides the pool's memfd), no trio, no pyfuse3.
 from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, PoolView
 from gemfs.mm.core import MemoryManager, MigrateOutcome, ObjectError
 from gemfs.mm.objects import GemObject
-from gemfs.mm.ops import AddressSpaceOps, MigrationCore, Notifier, ShmemOps
+from gemfs.mm.ops import AddressSpaceOps, Notifier, Owner
 from gemfs.mm.types import (
     MAX_ORDER,
     PAGE_SIZE,
@@ -36,13 +36,12 @@ __all__ = [
     "MigrateMode",
     "MigrateOutcome",
     "MigrateType",
-    "MigrationCore",
     "Notifier",
     "ObjId",
     "ObjectError",
     "OutOfMemory",
+    "Owner",
     "Pfn",
     "PoolView",
-    "ShmemOps",
     "parse_size",
 ]

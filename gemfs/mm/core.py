@@ -7,17 +7,20 @@ pool's memfd) and single-threaded: callers serialize access.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from gemfs.mm.buddy import BuddyAllocator
 from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, CompactStats
+from gemfs.mm.costs import Clock, CostTable, Ledger, Task
+from gemfs.mm.migrate import Answer, Ask, Migrated, Migration
 from gemfs.mm.objects import GemObject
-from gemfs.mm.ops import SHMEM_OPS, AddressSpaceOps, Results
+from gemfs.mm.ops import Owner, Results
+from gemfs.mm.pins import PinRegistry
 from gemfs.mm.pool import (
     I64,
     OWNER_KERNEL,
@@ -97,19 +100,49 @@ class MigrateOutcome:
     permanent: int
 
 
+class SyncOwner(Owner, Protocol):
+    """An owner the mechanism can ask directly (the in-process driver)."""
+
+    def answer(self, ask: Ask) -> Answer: ...
+
+    def migrated(self, notice: Migrated) -> None: ...
+
+
+@dataclass
+class AllocStats:
+    """High-order allocations (huge-page faults, probes) and the modelled latency each saw."""
+
+    attempts: int = 0
+    successes: int = 0
+    compacted: int = 0  # successes that needed direct compaction
+    latency_us: list[float] = field(default_factory=list)
+
+
 class MemoryManager:
-    def __init__(self, size: int | str, *, design: Design | str = Design.SHMEM_HOOK) -> None:
+    def __init__(
+        self,
+        size: int | str,
+        *,
+        design: Design | str = Design.SHMEM_HOOK,
+        costs: CostTable | None = None,
+    ) -> None:
         self.design = Design.parse(design) if isinstance(design, str) else design
         self.pool = PagePool(size)
         self.buddy = BuddyAllocator(self.pool)
         self.objects: dict[ObjId, GemObject] = {}
         self._next_id = 1
-        self.mount_ops: AddressSpaceOps | None = None  # gemfs design: the driver's, for all
+        # gemfs design: the driver's ops, for every object of the driver's on the mount
+        self.mount_ops: Owner | None = None
         self.vmstat = Vmstat()
         self.compaction_proactiveness = 20
         self.extfrag_threshold = 500
-        self.callback_latency_us: list[float] = []
         self.kernel_pages: dict[int, int] = {}  # pfn -> order of kernel (non-object) blocks
+        self.clock = Clock()  # modelled time (seconds)
+        self.costs = costs or CostTable()
+        self.ledger = Ledger()
+        self.pins = PinRegistry()
+        self.allocs = AllocStats()
+        self._task: Task | None = None  # the task a direct compaction is charged to
 
     def close(self) -> None:
         self.pool.close()
@@ -159,6 +192,7 @@ class MemoryManager:
         obj.pages = np.empty(0, dtype=np.int64)
         obj.size = 0
         self.objects.pop(obj.id, None)
+        self.pins.drop_object(obj.id)
 
     def _release_frames(self, pfns: I64) -> None:
         self.pool.pin[pfns] = 0
@@ -307,6 +341,73 @@ class MemoryManager:
         _, pfns = obj.resident()
         return int(np.count_nonzero(self.pool.pin[pfns]))
 
+    # -- an owner's pins (the registry both backends pin through) -----------------------------
+    def hold(self, owner: object, obj: GemObject, start: int, count: int) -> I64:
+        """The owner pins pages [start, start+count) (allocating missing ones); their frames.
+
+        Pages the owner already holds are not pinned twice. Pages an invalidation took from it
+        come back as a re-fault: counted, and charged (re-pin and re-fault) as GPU stall.
+        Pages mid-migration are refused with EAGAIN: no pin on a range being moved.
+        """
+        end = start + count
+        seg = obj.pages[start:end]
+        res = seg[seg >= 0]
+        if len(res) and np.any(self.pool.flags[res] & PG_ISOLATED):
+            raise ObjectError(errno.EAGAIN, "pages of the range are being migrated")
+        pfns = self.populate(obj, start, count)
+        h = self.pins.holds(owner, obj.id, max(end, len(obj.pages)))
+        new = ~h.held[start:end]
+        self.pin_pages(pfns[new])
+        h.held[start:end] = True
+        back = new & h.invalidated[start:end]
+        n = int(np.count_nonzero(back))
+        if n:
+            h.invalidated[start:end][back] = False
+            c = self.costs
+            us = c.pin_call_us + (c.pin_page_us + c.refault_page_us + c.gtt_pte_us) * n
+            led = self.ledger
+            led.refaulted_pages += n
+            led.repinned_pages += n
+            led.migration_us += us
+            led.gpu_stall_us += us
+        return pfns
+
+    def release(self, owner: object, obj: GemObject, start: int, count: int) -> None:
+        """The owner unpins pages [start, start+count) it holds."""
+        h = self.pins.objects_of(owner).get(obj.id)
+        if h is None:
+            return
+        seg = h.held[start : start + count]
+        n = min(len(seg), max(0, len(obj.pages) - start))
+        pfns = obj.pages[start : start + n][seg[:n]]
+        self.unpin_pages(pfns[pfns >= 0])
+        seg[:] = False
+
+    def drop_holds(self, owner: object, obj: GemObject, start: int, count: int) -> int:
+        """An invalidation: the owner's pins in the range go (remembered for the re-fault)."""
+        h = self.pins.objects_of(owner).get(obj.id)
+        if h is None:
+            return 0
+        h.grow(start + count)
+        seg = h.held[start : start + count]
+        n = min(len(seg), max(0, len(obj.pages) - start))
+        pfns = obj.pages[start : start + n][seg[:n]]
+        pfns = pfns[pfns >= 0]
+        self.unpin_pages(pfns)
+        h.invalidated[start : start + count] |= seg
+        seg[:] = False
+        return len(pfns)
+
+    def release_owner(self, owner: object) -> None:
+        """An owner went away: every pin it held is released."""
+        for oid, h in self.pins.drop_owner(owner).items():
+            obj = self.objects.get(ObjId(oid))
+            if obj is None:
+                continue
+            n = min(len(h.held), len(obj.pages))
+            pfns = obj.pages[:n][h.held[:n]]
+            self.unpin_pages(pfns[pfns >= 0])
+
     # -- kernel allocations (noise, high-order probes) ----------------------------------------
     def alloc_kernel(self, order: int, mt: MigrateType) -> int:
         pfn = self.buddy.alloc(order, mt)
@@ -321,12 +422,20 @@ class MemoryManager:
         self.vmstat.inc("pgfree", 1 << order)
 
     # -- migration mechanism ----------------------------------------------------------------
-    def ops_for(self, obj: GemObject) -> AddressSpaceOps:
+    def owner_of(self, obj: GemObject) -> tuple[Owner | None, bool]:
+        """Who must be asked before the object's pages move: (owner, is a notifier).
+
+        (None, False): nobody -- plain shmem, pinned pages are refused. The mount-wide ops of
+        the gemfs design belong to the driver's own objects only; the rest of the system's
+        page cache keeps plain shmem ops under every design.
+        """
+        if obj.notifier is not None:
+            return obj.notifier, True
         if obj.ops is not None:
-            return obj.ops
-        if self.mount_ops is not None:
-            return self.mount_ops
-        return SHMEM_OPS
+            return obj.ops, False
+        if self.mount_ops is not None and obj.private:
+            return self.mount_ops, False
+        return None, False
 
     def migrate_folio(self, obj: GemObject, idx: I64, src: I64, dst: I64) -> Results:
         """Copy and remap (migrate_folio): the library step an owner's migrate calls.
@@ -360,24 +469,37 @@ class MemoryManager:
         return res
 
     def migrate_pages(
-        self, src: I64, dst: I64, mode: MigrateMode = MigrateMode.SYNC
+        self,
+        src: I64,
+        dst: I64,
+        mode: MigrateMode = MigrateMode.SYNC,
+        task: Task | None = None,
     ) -> MigrateOutcome:
-        """Move src[i] -> dst[i] for object pages, through each owner's address-space ops.
+        """Move src[i] -> dst[i] for object pages, asking each page's owner first.
 
-        dst frames must be free (they are isolated here). Per page: 0 moved, -EAGAIN (owner
-        busy, retry later), -EBUSY (frame no longer suitable), other -errno (permanent).
-        Nothing is ever lost: a page that does not move keeps its frame and content.
+        The mechanism of :mod:`gemfs.mm.migrate`, driven synchronously: owners here are
+        in-process (:class:`SyncOwner`); an owner that cannot be asked directly (a driver
+        over a socket, reachable only by the control server) keeps its pages where they are.
+        Per page: 0 moved, -EAGAIN (owner busy, retry later), -EBUSY (frame no longer
+        suitable), other -errno (permanent). Nothing is ever lost.
         """
-        batch = self.migrate_begin(src, dst, mode)
-        for req in batch.requests:
-            self.migrate_finish_request(batch, req, self.migrate_request_local(req, mode))
-        return self.migrate_end(batch)
+        m = Migration(self, src, dst, mode, task or self._task or Task(self.clock.now))
+        for ask in m.start():
+            owner = ask.owner
+            answer = getattr(owner, "answer", None)
+            if answer is None:
+                m.answer(ask, Answer.failure("unreachable"))
+                continue
+            notice = m.answer(ask, answer(ask))
+            if notice is not None:
+                owner.migrated(notice)  # type: ignore[attr-defined]
+        return m.finish()
 
     def migrate_begin(self, src: I64, dst: I64, mode: MigrateMode) -> MigrationBatch:
         """Validate a batch, isolate its targets and split it by owner object.
 
-        The caller runs each request (through the owner's ops, in process or over a socket),
-        reports it with :meth:`migrate_finish_request`, then calls :meth:`migrate_end`.
+        :class:`gemfs.mm.migrate.Migration` runs the requests (asking their owners) and then
+        calls :meth:`migrate_end`.
         """
         p = self.pool
         src = np.asarray(src, dtype=np.int64)
@@ -409,11 +531,6 @@ class MemoryManager:
             idx = p.index[ssel].astype(np.int64)
             batch.requests.append(MigrationRequest(obj, sel, idx, ssel, dst[sel]))
         return batch
-
-    def migrate_finish_request(
-        self, batch: MigrationBatch, req: MigrationRequest, results: Results
-    ) -> None:
-        batch.results[req.sel] = results
 
     def narrow_request(self, req: MigrationRequest) -> tuple[MigrationRequest, Bools]:
         """The part of a request still valid now (an earlier request of the batch may have
@@ -459,85 +576,6 @@ class MemoryManager:
         v.inc("pgmigrate_permanent", permanent)
         return MigrateOutcome(res, success, eagain, permanent)
 
-    def isolate_request(self, req: MigrationRequest, ops: AddressSpaceOps) -> Bools:
-        """Ask the owner which pages may be taken off; mark them isolated."""
-        ok = np.asarray(ops.isolate(self, req.obj, req.idx), dtype=np.bool_)
-        self.pool.flags[req.src[ok]] |= PG_ISOLATED
-        return ok
-
-    def settle_request(
-        self, req: MigrationRequest, isolated: Bools, out: Results, ops: AddressSpaceOps | None
-    ) -> Results:
-        """Check an owner's answers against the page table, put back what did not move."""
-        p = self.pool
-        obj = req.obj
-        res = np.full(len(req.src), -EAGAIN, dtype=np.int32)
-        ii = np.flatnonzero(isolated)
-        alive = self.objects.get(obj.id) is obj
-        # An owner that says 0 must really have remapped through migrate_folio, and vice versa.
-        if alive and len(ii):
-            really = obj.pages[req.idx[ii]] == req.dst[ii]
-            out = np.where(really, 0, np.where(out == 0, -errno.EIO, out)).astype(np.int32)
-        elif len(ii):
-            out = np.full(len(ii), -EBUSY, dtype=np.int32)
-        res[ii] = out
-        failed = res != 0
-        back = isolated & failed
-        if np.any(back):
-            p.flags[req.src[back]] &= ~np.uint8(PG_ISOLATED)
-            if ops is not None and alive:
-                ops.putback(self, obj, req.idx[back])
-        return res
-
-    def migrate_request_local(self, req: MigrationRequest, mode: MigrateMode) -> Results:
-        """Run one object's share of a batch through in-process ops."""
-        part, live = self.narrow_request(req)
-        if part is req:
-            return self._migrate_request_local(req, mode)
-        res = np.full(len(req.src), -EBUSY, dtype=np.int32)
-        if len(part.src):
-            res[live] = self._migrate_request_local(part, mode)
-        return res
-
-    def _migrate_request_local(self, req: MigrationRequest, mode: MigrateMode) -> Results:
-        obj = req.obj
-        ops = self.ops_for(obj)
-        if obj.notifier is not None:
-            lo, hi = int(req.idx.min()), int(req.idx.max()) + 1
-            t0 = time.perf_counter()
-            rc = obj.notifier.invalidate(self, obj, lo, hi - lo)
-            self.vmstat.inc("gem_invalidate_callbacks")
-            self._record_latency(t0)
-            if rc != 0:
-                return np.full(len(req.src), -abs(rc), dtype=np.int32)
-        isolated = self.isolate_request(req, ops)
-        ii = np.flatnonzero(isolated)
-        callback = ops is not SHMEM_OPS
-        try:
-            t0 = time.perf_counter()
-            out = np.asarray(
-                ops.migrate(self, obj, req.idx[ii], req.src[ii], req.dst[ii], mode), np.int32
-            )
-            if callback:
-                self.vmstat.inc("gem_migrate_callbacks")
-                self.vmstat.inc("gem_migrate_callback_pages", len(ii))
-                self._record_latency(t0)
-            if out.shape != ii.shape:
-                raise ValueError(f"{ops.name}.migrate answered {out.shape} for {ii.shape} pages")
-        except Exception:
-            out = np.full(len(ii), -errno.EIO, dtype=np.int32)
-            self.vmstat.inc("pgmigrate_aborted", len(ii))
-        res = self.settle_request(req, isolated, out, ops)
-        if callback:
-            self.vmstat.inc("gem_migrate_callback_eagain", int(np.count_nonzero(res == -EAGAIN)))
-            self.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(res == -EBUSY)))
-        return res
-
-    def _record_latency(self, t0: float) -> None:
-        us = (time.perf_counter() - t0) * 1e6
-        self.callback_latency_us.append(us)
-        self.vmstat.inc("gem_migrate_callback_us_total", int(us))
-
     # -- compaction -------------------------------------------------------------------------
     def free_blocks_per_order(self) -> list[int]:
         return self.buddy.free_blocks_per_order()
@@ -550,19 +588,43 @@ class MemoryManager:
     def pageblock_mt(self) -> npt.NDArray[np.uint8]:
         return self.pool.pageblock_mt
 
-    def run_policy(self, policy: CompactionPolicy) -> CompactResult:
+    def run_policy(self, policy: CompactionPolicy, task: Task | None = None) -> CompactResult:
         """Drive a compaction policy against this pool's own mechanism (in-process)."""
-        for _ in self.iter_policy(policy):
+        for _ in self.iter_policy(policy, task):
             pass
         return policy.result
 
-    def iter_policy(self, policy: CompactionPolicy) -> Iterator[Batch]:
-        """Like run_policy, yielding after each batch so an event loop can interleave."""
+    def iter_policy(self, policy: CompactionPolicy, task: Task | None = None) -> Iterator[Batch]:
+        """Like run_policy, yielding after each batch so an event loop can interleave.
+
+        Costs (scanning, migration, waits) go to ``task``: the allocating task inside a
+        direct compaction, else a task of its own starting now (kcompactd, compact_memory).
+        """
+        task = task or self._task or Task(self.clock.now)
+        scanned = 0
         while (batch := policy.next_batch(self)) is not None:
-            out = self.migrate_pages(batch.src, batch.dst, policy.mode)
+            scanned = self.charge_scan(policy.stats, scanned, task)
+            out = self.migrate_pages(batch.src, batch.dst, policy.mode, task)
             policy.batch_done(batch, out.results)
             yield batch
+        self.charge_scan(policy.stats, scanned, task)
         self._account_compaction(policy.stats)
+
+    def charge_scan(self, stats: CompactStats, already: int, task: Task) -> int:
+        """Charge the pages the scanners looked at since ``already``; the new total."""
+        total = stats.migrate_scanned + stats.free_scanned
+        n = total - already
+        if n > 0:
+            us = n * self.costs.scan_page_us
+            self.ledger.scanned_pages += n
+            self.ledger.scan_us += us
+            task.charge(us)
+        return total
+
+    def charge_scan_pages(self, n: int) -> None:
+        """Scanning reported by a compactor process (its own task: it does not move the clock)."""
+        self.ledger.scanned_pages += n
+        self.ledger.scan_us += n * self.costs.scan_page_us
 
     def _account_compaction(self, stats: CompactStats) -> None:
         self.vmstat.inc("compact_migrate_scanned", stats.migrate_scanned)
@@ -603,6 +665,38 @@ class MemoryManager:
             return self.alloc_kernel(order, mt)
         except OutOfMemory:
             return None
+
+    def begin_alloc(self) -> Task:
+        """Start timing a high-order allocation: direct compaction inside it charges this task."""
+        task = Task(self.clock.now)
+        self._task = task
+        return task
+
+    def end_alloc(self, task: Task, pfn: int | None, compacted_before: int) -> float:
+        """Finish timing: record the attempt and its modelled latency (µs); the clock moves on
+        by what the allocating task waited. ``compacted_before``: compact_stall before."""
+        self._task = None
+        a = self.allocs
+        a.attempts += 1
+        us = self.costs.alloc_fast_us + task.us
+        a.latency_us.append(us)
+        if pfn is not None:
+            a.successes += 1
+            if self.vmstat["compact_stall"] > compacted_before:
+                a.compacted += 1
+        self.clock.advance_to(task.t + self.costs.alloc_fast_us / 1e6)
+        return us
+
+    def allocate_huge(self, order: int, mt: MigrateType = MigrateType.MOVABLE) -> int | None:
+        """A high-order allocation as a task sees it (a THP fault, a probe): timed, counted."""
+        task = self.begin_alloc()
+        stalls = self.vmstat["compact_stall"]
+        pfn: int | None = None
+        try:
+            pfn = self.alloc_high_order(order, mt)
+        finally:
+            self.end_alloc(task, pfn, stalls)
+        return pfn
 
     # -- statistics -------------------------------------------------------------------------
     def fragmentation_score(self) -> int:

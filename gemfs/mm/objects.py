@@ -21,6 +21,7 @@ class GemObject:
     ops: AddressSpaceOps | None = None  # per-object ops (shmem-hook); None: the mount's
     notifier: Notifier | None = None  # notifier design
     owner_tag: str = ""  # who registered ops / owns it (a peer name), for display
+    private: bool = False  # a driver's object: the gemfs design's mount-wide ops apply to it
 
     @property
     def nr_pages(self) -> int:

@@ -1,85 +1,39 @@
-"""Address-space operations: the contract between the migration core and a mapping's owner.
+"""Owners of a mapping's pages: the contract between the migration core and a driver.
 
-Modelled on ``struct address_space_operations`` / ``struct movable_operations``. Calls are
-batched: each call carries the arrays of one object's pages, so an owner over a socket pays one
-round trip for many pages (like ``migrate_pages_batch``).
+In the kernel, a driver that owns pages registers address-space operations (``migratepage``,
+the 2016 patch; ``struct movable_operations`` today) or an mmu notifier. In gemfs the owner is
+asked, one batch at a time, by the single migration mechanism (:mod:`gemfs.mm.migrate`):
+
+- ``migrate`` (the hook and mount-wide designs): "stop using these pages" -- the owner waits
+  for its GPU as the migration mode allows, drops its use, and answers per page 0 (they may
+  move; the core carries its pin to the new frame and then tells it where each page went) or
+  -EAGAIN (busy, retry later) or another -errno (never). This is the driver's ``migratepage``
+  split at the library call: the core runs ``migrate_folio``, the owner its own part.
+- ``invalidate`` (the notifier design): "this range is about to change" -- the owner waits
+  idle as the mode allows, drops its GTT entries and its pins in the range, answers 0 (or
+  -EAGAIN: busy), and re-faults and re-pins the range on its next use.
+
+An owner is any object with a ``name``: the in-process driver answers synchronously, the
+control server's proxy for a driver connection answers over the socket.
 """
 
 from __future__ import annotations
 
-import errno
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from gemfs.mm.types import MigrateMode
-
-if TYPE_CHECKING:
-    from gemfs.mm.objects import GemObject
-    from gemfs.mm.pool import I64, Bools
-
 Results = npt.NDArray[np.int32]  # per page: 0, -EAGAIN, or another -errno
 
-EAGAIN = errno.EAGAIN
-EBUSY = errno.EBUSY
 
-
-class MigrationCore(Protocol):
-    """What an owner may call back into while it handles ``migrate``."""
-
-    def migrate_folio(self, obj: GemObject, idx: I64, src: I64, dst: I64) -> Results:
-        """Copy src frames to dst and remap the object's pages; -EAGAIN for pinned pages."""
-        ...
-
-    def pin_pages(self, pfns: I64) -> None: ...
-
-    def unpin_pages(self, pfns: I64) -> None: ...
-
-
-class AddressSpaceOps(Protocol):
-    """Registered per object (shmem-hook) or per mount (gemfs)."""
+class Owner(Protocol):
+    """A driver that registered itself for some objects' pages (per object, per mount, or as
+    a notifier)."""
 
     name: str
 
-    def isolate(self, core: MigrationCore, obj: GemObject, idx: I64) -> Bools:
-        """May these pages be taken off for migration? (isolate_page)"""
-        ...
 
-    def migrate(
-        self, core: MigrationCore, obj: GemObject, idx: I64, src: I64, dst: I64, mode: MigrateMode
-    ) -> Results:
-        """Move each page src[i] -> dst[i]; 0, -EAGAIN (retry later) or -errno (permanent)."""
-        ...
-
-    def putback(self, core: MigrationCore, obj: GemObject, idx: I64) -> None:
-        """Pages that were isolated but not moved go back to their owner (putback_page)."""
-        ...
-
-
-class Notifier(Protocol):
-    """The notifier design: the core announces that a range will change under the owner."""
-
-    def invalidate(self, core: MigrationCore, obj: GemObject, start: int, count: int) -> int:
-        """Stop using [start, start+count): wait idle, drop GTT entries, unpin; 0 or -errno."""
-        ...
-
-
-class ShmemOps:
-    """Plain shmem: unpinned pages move, pinned ones are refused with -EAGAIN."""
-
-    name = "shmem"
-
-    def isolate(self, core: MigrationCore, obj: GemObject, idx: I64) -> Bools:
-        return np.ones(len(idx), dtype=np.bool_)
-
-    def migrate(
-        self, core: MigrationCore, obj: GemObject, idx: I64, src: I64, dst: I64, mode: MigrateMode
-    ) -> Results:
-        return core.migrate_folio(obj, idx, src, dst)
-
-    def putback(self, core: MigrationCore, obj: GemObject, idx: I64) -> None:
-        return None
-
-
-SHMEM_OPS = ShmemOps()
+# The kernel's names for the two registration shapes; the same kind of owner behind both.
+AddressSpaceOps = Owner
+Notifier = Owner
