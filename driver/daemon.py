@@ -11,6 +11,7 @@ import collections
 import errno
 import logging
 import mmap
+import os
 import socket
 import zlib
 from typing import Any
@@ -55,6 +56,9 @@ class DriverDaemon:
         # Objects the core is moving: no batch until the "migrated" notice of that ask (token).
         self.migrating: dict[int, tuple[int, trio.Event]] = {}
         self._noticed: collections.deque[int] = collections.deque(maxlen=4096)
+        # Fault injection for tests only: hold every answer to the core this long (wall clock),
+        # so a test can kill the driver or time a callback out while the core waits for it.
+        self.answer_delay_s = float(os.environ.get("GEMFS_DRIVER_ANSWER_DELAY_MS", "0")) / 1000
         self._counter = 0
 
     # -- start -------------------------------------------------------------------------------
@@ -88,8 +92,6 @@ class DriverDaemon:
 
     async def _serve_clients(self, *, task_status: trio.TaskStatus[None]) -> None:
         assert self.listen is not None
-        import os
-
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(self.listen):  # noqa: ASYNC240 - a stale socket, once at start
             os.unlink(self.listen)
@@ -291,6 +293,8 @@ class DriverDaemon:
     async def _on_core_call(self, peer: Peer, call: Call) -> Any:
         assert self.gem is not None
         a = call.args
+        if self.answer_delay_s:  # fault injection (tests): a slow driver, on the wall clock
+            await trio.sleep(self.answer_delay_s)
         try:
             mode = MigrateMode.parse(str(a.get("mode", "sync")))
         except ValueError as e:

@@ -120,3 +120,88 @@ def write_small(directory: Path, text: str = SMALL, name: str = "small.toml") ->
     path = directory / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# GEM objects that the GPU keeps busy while huge pages are asked for and kcompactd runs: every
+# design pays something here (the parity test and the measurement tests play it).
+BUSY = """\
+name = "busy"
+description = "GPU batches overlapping direct and proactive compaction"
+pool = "32MiB"
+seed = 11
+
+[compactor]
+proactiveness = 60
+interval_ms = 50
+order = 9
+
+[[phase]]
+kind = "page-cache"
+tag = "cache"
+fill = 0.6
+size = { dist = "uniform", min = "16KiB", max = "256KiB" }
+
+[[phase]]
+kind = "noise"
+tag = "slab"
+type = "unmovable"
+count = 24
+
+[[phase]]
+kind = "repeat"
+times = 4
+
+  [[phase.do]]
+  kind = "create"
+  tag = "buf"
+  count = 140
+  size = { dist = "mesa", median = "48KiB", sigma = 1.0, max = "1MiB" }
+
+  [[phase.do]]
+  kind = "gpu"
+  tag = "buf"
+  fraction = 0.4
+  duration_ms = 8
+  access = "write"
+  repeat = 4
+  interval_ms = 16
+
+  [[phase.do]]
+  kind = "probe"
+  order = 9
+  count = 2
+
+  [[phase.do]]
+  kind = "free"
+  tag = "buf"
+  fraction = 0.5
+
+  [[phase.do]]
+  kind = "page-cache"
+  tag = "cache"
+  count = 6
+  size = "128KiB"
+
+[[phase]]
+kind = "gpu"
+tag = "buf"
+fraction = 1.0
+duration_ms = 5
+access = "write"
+repeat = 2
+interval_ms = 4
+
+[[phase]]
+kind = "probe"
+order = 9
+count = 3
+
+[[phase]]
+kind = "wait"
+ms = 300
+
+[[phase]]
+kind = "probe"
+order = 9
+count = "all"
+"""

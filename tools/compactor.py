@@ -84,7 +84,9 @@ async def compact_remote(
             len(snap.pageblock_mt), order=order, mode=mode, proactiveness=proactiveness
         )
     t = float((await core.call("clock", {}))["now"]) if now is None else now
+    sent = 0  # pages scanned and already charged to this task through a migrate call
     while (batch := policy.next_batch(snap)) is not None:
+        scanned = policy.stats.migrate_scanned + policy.stats.free_scanned
         r = await core.call(
             "migrate",
             {
@@ -92,8 +94,10 @@ async def compact_remote(
                 "dst": batch.dst.astype("<i8").tobytes(),
                 "mode": policy.mode.name.lower(),
                 "now": t,
+                "scanned": scanned - sent,  # the scanners' time comes before the batch
             },
         )
+        sent = scanned
         t = float(r.get("t", t))
         res = arrays.results(r["results"])
         snap.free = list(r["free"])
@@ -121,7 +125,7 @@ async def compact_remote(
                 "compact_migrate_scanned": s.migrate_scanned,
                 "compact_free_scanned": s.free_scanned,
             },
-            "scanned": s.migrate_scanned + s.free_scanned,
+            "scanned": s.migrate_scanned + s.free_scanned - sent,
         },
     )
     return policy.result

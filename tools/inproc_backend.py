@@ -17,7 +17,7 @@ from driver.inproc import InprocDriver
 from gemfs.mm import GemObject, MemoryManager, OutOfMemory
 from gemfs.mm.costs import CostTable
 from gemfs.mm.kcompactd import Kcompactd, WakeSchedule
-from gemfs.mm.pool import I64, PG_ALLOC, PG_MT_MASK, PG_MT_SHIFT
+from gemfs.mm.pool import I64
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
 from tools.backend import GpuSample, Handle, ProbeResult, Sample
 from tools.workload import Workload
@@ -160,16 +160,8 @@ class InprocBackend:
             "gpu": gpu,
             "costs": mm.ledger.to_json(),
             "cost_table": mm.costs.to_json(),
-            "pageblock_mixed": self._mixed_blocks().tolist(),
+            "pageblock_mixed": mm.mixed_pageblock_indices().tolist(),
         }
-
-    def _mixed_blocks(self) -> I64:
-        p = self.mm.pool
-        fl = p.flags.reshape(p.nr_pageblocks, -1)
-        foreign = ((fl & PG_ALLOC) != 0) & (
-            ((fl & PG_MT_MASK) >> PG_MT_SHIFT) != p.pageblock_mt[:, None]
-        )
-        return np.flatnonzero(foreign.any(axis=1)).astype(np.int64)
 
     def verify(self) -> int:
         seen = self.driver.gem.stats.data_errors

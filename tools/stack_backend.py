@@ -389,6 +389,7 @@ class StackBackend:
             "gpu": gpu,
             "costs": costs,
             "cost_table": dict(s["cost_table"]),
+            "pageblock_mixed": np.frombuffer(s["pageblock_mixed"], "<i8").tolist(),
         }
 
     def verify(self) -> int:

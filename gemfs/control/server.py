@@ -166,7 +166,13 @@ class ControlServer:
         self.peers: dict[int, PeerState] = {}
         self.migrate_lock = trio.Lock()
         self.advance_lock = trio.Lock()
-        self.stats = {"connections": 0, "refused": 0, "protocol_errors": 0, "callbacks": 0}
+        self.stats = {
+            "connections": 0,
+            "refused": 0,
+            "protocol_errors": 0,
+            "callbacks": 0,
+            "asks": 0,  # asks sent to owners (counted when sent, before any answer)
+        }
         # Harness figure (wall clock, not modelled): how long owners took to answer over the
         # socket. Never part of a design's metrics.
         self.callback_wall_us: list[float] = []
@@ -392,6 +398,9 @@ class ControlServer:
                 if len(src) != len(dst):
                     raise _err(errno.EINVAL, "src and dst differ in length")
                 task = Task(_time(args, "now", mm.clock.now))
+                scanned = args.get("scanned", 0)  # the caller's scanners ran first
+                if isinstance(scanned, int) and 0 < scanned <= 1 << 40:
+                    mm.charge_scan_pages(scanned, task)
                 out = await self.migrate_pages(src, dst, _mode(args), task)
                 return {
                     "results": pack_i32(out.results),
@@ -515,6 +524,7 @@ class ControlServer:
             "vmstat": dict(mm.refresh_gauges()),
             "pageblocks": mm.pageblocks_per_type(),
             "mixed_pageblocks": mm.mixed_pageblocks(),
+            "pageblock_mixed": pack_i64(mm.mixed_pageblock_indices()),
             "pageblock_states": mm.pageblock_states().tobytes(),
             "pageblock_mt": mm.pool.pageblock_mt.tobytes(),
             "callback_wall_us": self.callback_wall_us[-10000:],  # harness, not modelled
@@ -566,6 +576,7 @@ class ControlServer:
         state = owner.state
         self._token += 1
         token = self._token
+        self.stats["asks"] += 1
         t0 = time.perf_counter()
         try:
             ans = await self._ask(state, ask, token)

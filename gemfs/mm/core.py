@@ -621,10 +621,13 @@ class MemoryManager:
             task.charge(us)
         return total
 
-    def charge_scan_pages(self, n: int) -> None:
+    def charge_scan_pages(self, n: int, task: Task | None = None) -> None:
         """Scanning reported by a compactor process (its own task: it does not move the clock)."""
+        us = n * self.costs.scan_page_us
         self.ledger.scanned_pages += n
-        self.ledger.scan_us += n * self.costs.scan_page_us
+        self.ledger.scan_us += us
+        if task is not None:
+            task.charge(us)
 
     def _account_compaction(self, stats: CompactStats) -> None:
         self.vmstat.inc("compact_migrate_scanned", stats.migrate_scanned)
@@ -711,12 +714,16 @@ class MemoryManager:
 
     def mixed_pageblocks(self) -> int:
         """Pageblocks holding allocated pages of a type other than the block's own."""
+        return len(self.mixed_pageblock_indices())
+
+    def mixed_pageblock_indices(self) -> I64:
+        """The mixed pageblocks themselves (for the pool map)."""
         p = self.pool
         fl = p.flags.reshape(p.nr_pageblocks, -1)
         alloc = (fl & PG_ALLOC) != 0
         mt = (fl & PG_MT_MASK) >> PG_MT_SHIFT
         foreign = alloc & (mt != p.pageblock_mt[:, None])
-        return int(np.count_nonzero(foreign.any(axis=1)))
+        return np.flatnonzero(foreign.any(axis=1)).astype(np.int64)
 
     def pageblock_states(self) -> npt.NDArray[np.uint8]:
         """Per pageblock: 0 free, 1 partly used, 2 full; for the pool map plot."""
