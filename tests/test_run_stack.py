@@ -11,14 +11,14 @@ from click.testing import CliRunner
 from gemfs.cli import main
 from gemfs.mm.types import Design
 from tests.test_report import EXPECTED, PNG_MAGIC, md_tables, nums
-from tests.workloads import SMALL
+from tests.workloads import BUSY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mount]
 
 
 def test_run_small_workload_on_the_stack_under_all_designs(tmp_path: Path) -> None:
     wl = tmp_path / "small.toml"
-    wl.write_text(SMALL)
+    wl.write_text(BUSY)
     out, js = tmp_path / "report", tmp_path / "records.json"
     r = CliRunner().invoke(main, ["run", str(wl), "--out", str(out), "--json", str(js)])
     assert r.exit_code == 0, r.output
@@ -28,7 +28,9 @@ def test_run_small_workload_on_the_stack_under_all_designs(tmp_path: Path) -> No
         assert rec["data_errors"] == 0, rec
         for key in ("callbacks", "callback_p50_us", "callback_p99_us", "gpu_stall_ms"):
             assert key in rec
-    assert any(x["callbacks"] > 0 for x in records if x["design"] != "pinned")
+    assert all(x["callbacks"] > 0 for x in records if x["design"] != "pinned")
+    assert all(x["backend"] == "stack" for x in records)
+    assert all(x["costs"]["gpu_stall_ms"] > 0 for x in records if x["design"] != "pinned")
     # The report's numbers are runs.json's numbers.
     runs = json.loads((out / "runs.json").read_text())
     table, _buddy = md_tables((out / "report.md").read_text())

@@ -6,13 +6,16 @@ import pytest
 from click.testing import CliRunner
 
 from gemfs.cli import main
+from gemfs.mm.types import Design
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mount]
 
 
-def test_short_stress_run_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("design", [d.value for d in Design])
+def test_short_stress_run_is_clean(monkeypatch: pytest.MonkeyPatch, design: str) -> None:
     monkeypatch.setenv("GEMFS_CALLBACK_TIMEOUT", "0.5")
-    r = CliRunner().invoke(main, ["stress", "--minutes", "0.2", "--workers", "2", "--seed", "7"])
+    args = ["stress", "--minutes", "0.15", "--workers", "2", "--seed", "7", "--design", design]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "clean: 0 bytes lost" in r.output
     lines = dict(line.rsplit(None, 1) for line in r.output.splitlines() if line.strip())

@@ -139,13 +139,17 @@ async def kcompactd_wake(
     r = await core.call("fragmentation", {})
     p = int(r["proactiveness"]) if proactiveness is None else proactiveness
     free: list[int] = list(r["free"])
-    passes = kc.wake(lambda: free, p)
-    for policy in passes:
+
+    async def flush() -> None:  # counters reach the pool's vmstat before the work they count
+        counters = kc.take_counters()
+        if counters:
+            await core.call("report", {"counters": counters})
+
+    for policy in kc.wake(lambda: free, p):
+        await flush()
         await compact_remote(core, policy=policy, stats=stats, now=now)
         free[:] = list((await core.call("fragmentation", {}))["free"])
-    counters = kc.take_counters()
-    if counters:
-        await core.call("report", {"counters": counters})
+    await flush()
 
 
 async def proactive_loop(

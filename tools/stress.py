@@ -5,8 +5,9 @@ unlink and re-create), each checking every read against its own model of the fil
 thread creates, executes (writes) and frees the driver's objects, remembering the checksum the
 driver reports for each object. The proactive compactor runs all along and explicit full
 compactions run now and then. A fault thread kills the driver (then restarts it and takes the
-objects back by path), kills the compactor (then restarts it), and makes GPU batches long enough
-that migrate callbacks time out. At the end every file and every object is compared with what
+objects back by path, half the time as a driver that answers the core too slowly, so that
+callbacks time out), kills the compactor (then restarts it), and keeps objects busy on the GPU
+(modelled time follows the wall clock) so that compaction waits or is refused. At the end every file and every object is compared with what
 its writer wrote.
 """
 
@@ -230,6 +231,7 @@ class Stress:
 
     def gpu(self, stack: Stack) -> None:
         rng = random.Random(self.seed + 1)
+        last = time.monotonic()
         while not self.stop.is_set():
             try:
                 with self.lock:
@@ -249,7 +251,7 @@ class Stress:
                         stack.drv.call("close", {"obj": oid})
                     continue
                 batch = rng.sample(paths, min(len(paths), rng.randrange(1, 4)))
-                long = rng.random() < 0.1  # long enough for callbacks to time out
+                long = rng.random() < 0.1  # longer than SYNC_LIGHT waits: refused, or waited
                 ms = rng.uniform(600, 900) if long else rng.uniform(1, 30)
                 gen = rng.randrange(1, 1 << 30)
                 with self.lock:
@@ -262,6 +264,10 @@ class Stress:
                     ids = [self.objects[p][0] for p in batch]
                     args = {"objs": ids, "duration_ms": ms, "write": True, "generation": gen}
                     r = stack.drv.call("exec", args)
+                    # Modelled time follows the wall clock here: batches end, waits are due.
+                    now = time.monotonic()
+                    stack.core.call("advance", {"seconds": now - last})
+                    last = now
                     for p in batch:
                         oid, _ = self.objects[p]
                         self.objects[p] = (oid, r["checksums"][str(oid)])
@@ -307,6 +313,10 @@ class Stress:
         while not self.stop.wait(rng.uniform(2.0, 5.0)):
             what = rng.random()
             if what < 0.4:
+                # Half the time the driver that comes back answers the core slowly (longer
+                # than the callback timeout): callbacks time out, nothing may be lost.
+                slow = rng.random() < 0.5
+                os.environ["GEMFS_DRIVER_ANSWER_DELAY_MS"] = "800" if slow else "0"
                 stack.driver_proc().send_signal(signal.SIGKILL)
                 self.report.driver_kills += 1
             elif what < 0.7:
@@ -319,8 +329,8 @@ class Stress:
                 stack.start_compactor(proactiveness=60, interval_ms=200)
             else:
                 if what < 0.85:
-                    # Keep many objects busy longer than the callback timeout, then compact
-                    # synchronously: the callbacks wait for the GPU and time out.
+                    # Keep many objects busy, then compact synchronously: the callbacks wait
+                    # for the GPU (modelled time).
                     try:
                         with self.lock:
                             live = [oid for oid, _crc in self.objects.values()]
@@ -397,4 +407,8 @@ class Stress:
 
 def run_stress(seconds: float, design: Design, workers: int = 3, seed: int = 1) -> StressReport:
     os.environ.setdefault("GEMFS_CALLBACK_TIMEOUT", "0.5")
-    return Stress(seconds, design, workers, seed).run()
+    os.environ["GEMFS_DRIVER_ANSWER_DELAY_MS"] = "0"
+    try:
+        return Stress(seconds, design, workers, seed).run()
+    finally:
+        os.environ.pop("GEMFS_DRIVER_ANSWER_DELAY_MS", None)
