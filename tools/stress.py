@@ -7,7 +7,8 @@ driver reports for each object. The proactive compactor runs all along and expli
 compactions run now and then. A fault thread kills the driver (then restarts it and takes the
 objects back by path, half the time as a driver that answers the core too slowly, so that
 callbacks time out), kills the compactor (then restarts it), and keeps objects busy on the GPU
-(modelled time follows the wall clock) so that compaction waits or is refused. At the end every file and every object is compared with what
+(modelled time follows the wall clock) so that compaction waits or is refused. At the end
+every file and every object is compared with what
 its writer wrote.
 """
 
@@ -310,8 +311,14 @@ class Stress:
 
     def faults(self, stack: Stack) -> None:
         rng = random.Random(self.seed + 2)
-        while not self.stop.wait(rng.uniform(2.0, 5.0)):
-            what = rng.random()
+        # Every kind of fault comes up in each round of four (in a random order), one every
+        # 1-2.5 s, so that even a short run kills, slows, busies and compacts.
+        kinds: list[float] = []
+        while not self.stop.wait(rng.uniform(1.0, 2.5)):
+            if not kinds:
+                kinds = [0.2, 0.55, 0.8, 0.95]
+                rng.shuffle(kinds)
+            what = kinds.pop()
             if what < 0.4:
                 # Half the time the driver that comes back answers the core slowly (longer
                 # than the callback timeout): callbacks time out, nothing may be lost.
