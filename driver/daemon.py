@@ -45,8 +45,11 @@ def _arr(v: object) -> np.ndarray:
 
 
 class DriverDaemon:
-    def __init__(self, control: str, listen: str | None, name: str = "i915") -> None:
+    def __init__(
+        self, control: str, listen: str | None, name: str = "i915", migratetype: str | None = None
+    ) -> None:
         self.control = control
+        self.migratetype = migratetype  # None: the design's (the core decides)
         self.listen = listen
         self.name = name
         self.core: Peer | None = None
@@ -201,7 +204,10 @@ class DriverDaemon:
                     a.get("path")
                     or f"gem-{self.name}-{peer.creds.pid if peer.creds else 0}-{self._counter}"
                 )
-                r = await core.call("create", {"path": path, "size": size})
+                args: dict[str, Any] = {"path": path, "size": size}
+                if self.migratetype:
+                    args["mt"] = self.migratetype
+                r = await core.call("create", args)
                 n = int(r["pages"])
                 o = gem.add_object(int(r["obj"]), n, zlib.crc32(bytes(n * PAGE_SIZE)))
                 await self._register(o.id)
@@ -228,9 +234,8 @@ class DriverDaemon:
                 now = float((await core.call("clock", {}))["now"])  # the modelled clock
                 await self._ready(objs)
                 gem.execute(objs, now, ms / 1000, write, gen)  # no await since _ready
-                if write:
-                    for o in objs:
-                        await self._changed(o)
+                if write:  # the core drops the files' page cache for them, in one call
+                    await core.call("content_changed", {"objs": [o.id for o in objs]})
                 return {
                     "data_errors": gem.stats.data_errors,
                     "checksums": {str(o.id): o.checksum for o in objs},
@@ -393,6 +398,8 @@ class DriverDaemon:
             hold[1].set()
 
 
-async def run_driver(control: str, listen: str | None, name: str = "i915") -> None:
-    d = DriverDaemon(control, listen, name)
+async def run_driver(
+    control: str, listen: str | None, name: str = "i915", migratetype: str | None = None
+) -> None:
+    d = DriverDaemon(control, listen, name, migratetype)
     await d.run()

@@ -18,7 +18,7 @@ from driver.gem import DriverObject, GemDriver
 from gemfs.mm import MemoryManager
 from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migrated
 from gemfs.mm.ops import Results
-from gemfs.mm.types import Design
+from gemfs.mm.types import Design, MigrateType
 
 EAGAIN = errno.EAGAIN
 
@@ -28,9 +28,12 @@ class InprocDriver:
 
     name = "i915"
 
-    def __init__(self, mm: MemoryManager, design: Design) -> None:
+    def __init__(
+        self, mm: MemoryManager, design: Design, migratetype: MigrateType | None = None
+    ) -> None:
         self.mm = mm
         self.design = design
+        self.migratetype = design.gem_migratetype if migratetype is None else migratetype
         self.gem = GemDriver(mm.pool.frames)
         if design is Design.GEMFS:
             mm.mount_ops = self
@@ -41,8 +44,7 @@ class InprocDriver:
 
     # -- ioctls -----------------------------------------------------------------------------
     def create(self, size: int, path: str = "") -> DriverObject:
-        mt = self.design.gem_migratetype
-        obj = self.mm.create_object(size, migratetype=mt, path=path)
+        obj = self.mm.create_object(size, migratetype=self.migratetype, path=path)
         obj.private = True
         obj.owner_tag = self.name
         data = self.mm.read(obj, 0, obj.size)

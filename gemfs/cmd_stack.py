@@ -33,8 +33,16 @@ def _check_socket(path: str) -> None:
 @click.option("--control", required=True, help="The mount's control socket.")
 @click.option("--listen", default=None, help="Socket for clients (gemfs gem ...).")
 @click.option("--name", default="i915", show_default=True)
+@click.option(
+    "--migratetype",
+    type=click.Choice(["unmovable", "movable", "reclaimable"]),
+    default=None,
+    help="GEM pages' migrate type instead of the design's (an ablation).",
+)
 @click.option("-v", "--verbose", is_flag=True)
-def driver_cmd(control: str, listen: str | None, name: str, verbose: bool) -> None:
+def driver_cmd(
+    control: str, listen: str | None, name: str, migratetype: str | None, verbose: bool
+) -> None:
     """Run the driver daemon (i915's part): GEM objects, a simulated GPU, migrate callbacks."""
     import trio
 
@@ -46,7 +54,7 @@ def driver_cmd(control: str, listen: str | None, name: str, verbose: bool) -> No
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            await run_driver(control, listen, name)
+            await run_driver(control, listen, name, migratetype)
             nursery.cancel_scope.cancel()
 
     _run_trio("driver", main)

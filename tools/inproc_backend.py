@@ -33,7 +33,7 @@ class InprocBackend:
         costs = CostTable.from_mapping(dict(workload.costs))
         self.mm = MemoryManager(workload.pool, design=design, costs=costs)
         self.clock = self.mm.clock
-        self.driver = InprocDriver(self.mm, design)
+        self.driver = InprocDriver(self.mm, design, workload.gem_migratetype)
         c = workload.compactor
         self.mm.compaction_proactiveness = c.proactiveness
         self.kcompactd = Kcompactd(self.mm.pool.nr_pageblocks, order=c.order)

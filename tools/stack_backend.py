@@ -78,6 +78,7 @@ class Stack:
         order: int = -1,
         interval_ms: float = 500,
         model_clock: bool = False,
+        gem_migratetype: MigrateType | None = None,
         allow_uids: Sequence[int] = (),
     ) -> None:
         self.design = design
@@ -87,6 +88,7 @@ class Stack:
         self._own_mount = mount is None
         self._closed = False
         self.model_clock = model_clock
+        self.gem_migratetype = gem_migratetype
         try:
             self._start(pool, mount, proactiveness, order, interval_ms)
         except BaseException:
@@ -145,12 +147,18 @@ class Stack:
                 raise StackError(f"{mount} runs design {fields.get('design')}, not {self.design}")
         self.core = SyncClient(str(self.control), name="gemfs-run")
         self.driver_sock = self.workdir / "driver.sock"
-        cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
+        cmd = self._driver_args()
         drv = self._spawn("driver", [*_gemfs(), *cmd])
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
         self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
         if proactiveness > 0 or order >= 0:
             self.start_compactor(proactiveness=proactiveness, order=order, interval_ms=interval_ms)
+
+    def _driver_args(self) -> list[str]:
+        cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
+        if self.gem_migratetype is not None:
+            cmd += ["--migratetype", self.gem_migratetype.name.lower()]
+        return cmd
 
     def driver_proc(self) -> subprocess.Popen[bytes]:
         return next(p for name, p in reversed(self.procs) if name == "driver")
@@ -164,7 +172,7 @@ class Stack:
         self.drv.close()
         with contextlib.suppress(FileNotFoundError):
             self.driver_sock.unlink()
-        cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
+        cmd = self._driver_args()
         drv = self._spawn("driver", [*_gemfs(), *cmd])
         _wait_for(self.driver_sock, drv, self.workdir / "driver.log", "the driver")
         self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
@@ -265,6 +273,7 @@ class StackBackend:
             order=c.order,
             interval_ms=c.interval_s * 1000,
             model_clock=True,
+            gem_migratetype=workload.gem_migratetype,
         )
         self.core, self.drv = self.stack.core, self.stack.drv
         self.mountpoint = self.stack.mountpoint

@@ -11,6 +11,9 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
     [costs]                         # optional: override the cost model (gemfs.mm.costs),
     copy_page_us = 2.0              #   modelled µs per operation, e.g. flush_page_us = 10
 
+    [driver]                        # optional: GEM pages' migrate type instead of the design's
+    migratetype = "movable"         #   unmovable | movable | reclaimable (an ablation)
+
     [compactor]                     # kcompactd's settings (all optional)
     proactiveness = 20              # 0..100 (vm.compaction_proactiveness); 0: none
     interval_ms = 500               # how often it wakes
@@ -310,6 +313,9 @@ class Workload:
     compactor: Compactor
     phases: tuple[Phase, ...]
     costs: tuple[tuple[str, float], ...] = ()  # [costs] overrides of gemfs.mm.costs.CostTable
+    # [driver] migratetype: the GEM pages' migrate type instead of the design's (an ablation:
+    # e.g. pinned GEM pages in MOVABLE or UNMOVABLE pageblocks instead of i915's RECLAIMABLE)
+    gem_migratetype: MigrateType | None = None
 
     @property
     def pool_pages(self) -> int:
@@ -783,7 +789,19 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         raise WorkloadError(file, line, f"not valid TOML: {msg}") from None
     ctx = _Ctx(file, text)
     top = _Table(ctx, data, (), "workload")
-    top.allow(("name", "description", "pool", "seed", "page_size", "compactor", "costs", "phase"))
+    top.allow(
+        (
+            "name",
+            "description",
+            "pool",
+            "seed",
+            "page_size",
+            "compactor",
+            "costs",
+            "driver",
+            "phase",
+        )
+    )
     name = top.str_("name", Path(file).stem or "workload")
     description = top.str_("description", "")
     pool = top.size("pool")
@@ -809,6 +827,13 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         known = tuple(f.name for f in dataclasses.fields(CostTable))
         ct.allow(known)
         costs = tuple((k, ct.float_(k, lo=0.0, hi=1e9)) for k in known if ct.has(k))
+    gem_mt: MigrateType | None = None
+    if top.has("driver"):
+        dt = top.table("driver", "[driver]")
+        dt.allow(("migratetype",))
+        gem_mt = MigrateType.parse(
+            dt.choice("migratetype", tuple(m.name.lower() for m in MigrateType))
+        )
     raw_phases = top.raw("phase")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise top.error("phase", "phase must be one or more [[phase]] tables")
@@ -824,6 +849,7 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         compactor=compactor,
         phases=phases,
         costs=costs,
+        gem_migratetype=gem_mt,
     )
 
 

@@ -380,6 +380,14 @@ class ControlServer:
                 obj.notifier = state.owner
                 return 0
             case "content_changed":
+                if "objs" in args:  # whole objects, many at once (a GPU batch's writes)
+                    ids = args["objs"]
+                    if not isinstance(ids, list) or len(ids) > 1 << 16:
+                        raise _err(errno.EINVAL, "objs must be a list of object ids")
+                    objs = [self._owned(state, {"obj": i}) for i in ids]
+                    for obj in objs:
+                        await self.kernel.invalidate(obj, 0, obj.nr_pages)
+                    return 0
                 obj = self._owned(state, args)
                 start, count = self._range(obj, args)
                 await self.kernel.invalidate(obj, start, count)
