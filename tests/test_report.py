@@ -157,11 +157,11 @@ def test_table_aggregates_each_design_across_its_seeds(seeded_records: list[RunR
     expect = {
         "allocations tried": "11 (10–12)",
         "allocations succeeded": "44.3 (40–48)",
-        "succeeded after direct compaction": "2 (0–4)",
-        "allocation latency p50 (µs)": "5 (4–6)",
-        "allocation latency p99 (µs)": "200 (100–300)",
-        "allocation latency max (µs)": "21230 (21229–21231)",
-        "free order-9 blocks, time-weighted mean": "8.25 (7.5–9.25)",
+        "succeeded via compaction": "2 (0–4)",
+        "alloc latency p50 (µs)": "5 (4–6)",
+        "alloc latency p99 (µs)": "200 (100–300)",
+        "alloc latency max (µs)": "21230 (21229–21231)",
+        "free order-9 blocks (time mean)": "8.25 (7.5–9.25)",
         "huge pages recovered": "22 (20–24)",
         "GPU stall (ms)": "1.5 (0.5–3)",
         "pages re-pinned": "100 (0–200)",
@@ -170,7 +170,7 @@ def test_table_aggregates_each_design_across_its_seeds(seeded_records: list[RunR
         "pages migrated": "17670 (17669–17671)",
         "pages refused (distinct)": "4 (3–5)",
         "refusals (EAGAIN answers)": "33 (30–36)",
-        "pages scanned by compaction": "1000",
+        "pages scanned": "1000",
         "migration time (ms)": "12.5",
         "waits (ms)": "2 (0–4)",
         "GPU stall per huge page (ms)": "0.2 (0.1–0.3)",
@@ -209,7 +209,7 @@ def test_no_latency_without_allocations(results: list[RunResult]) -> None:
     )
     rows = rows_by_label([r])
     assert rows["allocations tried"] == ["0"]
-    assert rows["allocation latency p50 (µs)"] == ["n/a"]
+    assert rows["alloc latency p50 (µs)"] == ["n/a"]
     assert rows["drain after idle"] == ["none in this workload"]
 
 
@@ -253,7 +253,7 @@ def test_table_at_120_columns_keeps_cells_on_one_line(seeded_records: list[RunRe
 
 def test_table_at_full_width_wraps_nothing(seeded_records: list[RunRecord]) -> None:
     text = render_text(rich_table(seeded_records, width=None), 400)
-    line = next(x for x in text.splitlines() if "free order-9 blocks, time-weighted mean" in x)
+    line = next(x for x in text.splitlines() if "free order-9 blocks (time mean)" in x)
     assert line.split().count("8.25") == len(DESIGNS)
     assert max(len(x.rstrip()) for x in text.splitlines()) > 120
 
@@ -407,21 +407,21 @@ def latency(key: str) -> Callable[[dict[str, Any]], list[float]]:
 
 
 HEADINGS = {
-    "**benefit (while the workload runs)**",
-    "**cost (modelled)**",
-    "**efficiency (per huge page recovered)**",
+    "**benefit**",
+    "**cost**",
+    "**efficiency**",
     "**correctness**",
     "**end of run**",
-    "**the pool (at the end unless said)**",
+    "**the pool**",
 }
 
 EXPECTED: dict[str, Callable[[dict[str, Any]], list[float]]] = {
     **{h: lambda r: [] for h in HEADINGS},
     "allocations tried": lambda r: shown(get(r, "alloc", "attempts")),
     "allocations succeeded": lambda r: shown(get(r, "alloc", "successes")),
-    "succeeded after direct compaction": lambda r: shown(get(r, "alloc", "compacted")),
-    **{f"allocation latency {k} (µs)": latency(k) for k in ("p50", "p99", "max")},
-    "free order-9 blocks, time-weighted mean": lambda r: shown(r["order9_free_mean"]),
+    "succeeded via compaction": lambda r: shown(get(r, "alloc", "compacted")),
+    **{f"alloc latency {k} (µs)": latency(k) for k in ("p50", "p99", "max")},
+    "free order-9 blocks (time mean)": lambda r: shown(r["order9_free_mean"]),
     "huge pages recovered": lambda r: shown(get(r, "efficiency", "hugepages_recovered")),
     "GPU stall (ms)": lambda r: shown(get(r, "costs", "gpu_stall_ms")),
     "pages re-pinned": lambda r: shown(get(r, "costs", "repinned_pages")),
@@ -430,7 +430,7 @@ EXPECTED: dict[str, Callable[[dict[str, Any]], list[float]]] = {
     "pages migrated": lambda r: shown(get(r, "costs", "pages_migrated")),
     "pages refused (distinct)": lambda r: shown(get(r, "costs", "pages_refused")),
     "refusals (EAGAIN answers)": lambda r: shown(get(r, "costs", "refusals")),
-    "pages scanned by compaction": lambda r: shown(get(r, "costs", "scanned_pages")),
+    "pages scanned": lambda r: shown(get(r, "costs", "scanned_pages")),
     "migration time (ms)": lambda r: shown(get(r, "costs", "migration_ms")),
     "waits (ms)": lambda r: shown(get(r, "costs", "waits_ms")),
     "GPU stall per huge page (ms)": lambda r: shown(get(r, "efficiency", "stall_ms_per_hugepage")),

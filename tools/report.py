@@ -192,20 +192,20 @@ def drain_cell(runs: Sequence[RunRecord]) -> Cell:
 
 SECTIONS: tuple[Section, ...] = (
     Section(
-        "benefit (while the workload runs)",
+        "benefit",
         (
             Metric("allocations tried", lambda r: _get(r.alloc, "attempts")),
             Metric("allocations succeeded", lambda r: _get(r.alloc, "successes")),
-            Metric("succeeded after direct compaction", lambda r: _get(r.alloc, "compacted")),
-            Metric("allocation latency p50 (µs)", _alloc_latency("p50")),
-            Metric("allocation latency p99 (µs)", _alloc_latency("p99")),
-            Metric("allocation latency max (µs)", _alloc_latency("max")),
-            Metric("free order-9 blocks, time-weighted mean", lambda r: r.order9_free_mean),
+            Metric("succeeded via compaction", lambda r: _get(r.alloc, "compacted")),
+            Metric("alloc latency p50 (µs)", _alloc_latency("p50")),
+            Metric("alloc latency p99 (µs)", _alloc_latency("p99")),
+            Metric("alloc latency max (µs)", _alloc_latency("max")),
+            Metric("free order-9 blocks (time mean)", lambda r: r.order9_free_mean),
             Metric("huge pages recovered", lambda r: _get(r.efficiency, "hugepages_recovered")),
         ),
     ),
     Section(
-        "cost (modelled)",
+        "cost",
         (
             Metric("GPU stall (ms)", lambda r: _get(r.costs, "gpu_stall_ms")),
             Metric("pages re-pinned", lambda r: _get(r.costs, "repinned_pages")),
@@ -214,13 +214,13 @@ SECTIONS: tuple[Section, ...] = (
             Metric("pages migrated", lambda r: _get(r.costs, "pages_migrated")),
             Metric("pages refused (distinct)", lambda r: _get(r.costs, "pages_refused")),
             Metric("refusals (EAGAIN answers)", lambda r: _get(r.costs, "refusals")),
-            Metric("pages scanned by compaction", lambda r: _get(r.costs, "scanned_pages")),
+            Metric("pages scanned", lambda r: _get(r.costs, "scanned_pages")),
             Metric("migration time (ms)", lambda r: _get(r.costs, "migration_ms")),
             Metric("waits (ms)", lambda r: _get(r.costs, "waits_ms")),
         ),
     ),
     Section(
-        "efficiency (per huge page recovered)",
+        "efficiency",
         (
             Metric(
                 "GPU stall per huge page (ms)",
@@ -244,7 +244,7 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
-        "the pool (at the end unless said)",
+        "the pool",
         (
             Metric("free order-9 blocks before", lambda r: r.order9_before),
             Metric("free order-9 blocks after", lambda r: r.order9_after),
@@ -544,12 +544,21 @@ def render_markdown(workload: Workload, records: Sequence[RunRecord]) -> str:
         "## Results",
         "",
         f"Each cell is the mean across the {len(prov.seeds)} seed(s) with the min–max range in "
-        "brackets; a single number means one seed, or every seed gave that value. All times are "
-        "modelled time. High-order allocations are those made while the workload runs; the drain "
-        'after idle (a `count = "all"` probe at the end) is reported on its own row, as the '
-        'number of blocks it got before its first failure. "Before" and "after" are taken '
-        "around the first explicit compaction when the workload has one, else at the start and "
-        "the end. Order-9 blocks are counted in 2 MiB units.",
+        "brackets; a single number means one seed, or every seed gave that value; n/a means the "
+        "records do not have the metric. All times are modelled time.",
+        "",
+        "- **benefit**: the high-order allocations made while the workload runs (its probes, "
+        "not the drain): how many were tried and succeeded, counted, and the modelled latency "
+        "each saw; free order-9 blocks averaged over modelled time; huge pages compaction "
+        "recovered.",
+        "- **cost**: what the GPU and the core paid, in modelled time and pages; pages refused "
+        "counts distinct pages, refusals every `EAGAIN` answer.",
+        "- **efficiency**: GPU stall and pages migrated per huge page recovered.",
+        '- **end of run**: the drain after idle (a `count = "all"` probe at the end) as the '
+        "number of blocks it got; it stops at its first failure, so it is a count, not a rate.",
+        '- **the pool**: at the end of the run, except "before" and "after", taken around the '
+        "first explicit compaction when the workload has one, else at the start and the end. "
+        "Order-9 blocks are counted in 2 MiB units.",
         "",
         *_md_table(["metric", *designs], _md_rows(table_rows(records))),
         "",
