@@ -243,6 +243,7 @@ def test_table_fits_the_console(seeded_records: list[RunRecord], width: int) -> 
     assert main.count("44.3") == main.count("(40–48)") == 2 * len(DESIGNS)  # and the drain
     assert main.count("stopped at") == len(DESIGNS)
     assert harness.count("(1.5–3.5)") == len(DESIGNS)
+    assert main.count("small: a title") == 1  # once, even when the designs are split
 
 
 def test_table_at_120_columns_keeps_cells_on_one_line(seeded_records: list[RunRecord]) -> None:

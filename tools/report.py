@@ -352,7 +352,7 @@ def rich_table(
     if width is None:
         return _table(shown, designs, range(len(designs)), False, longest, title, headings)
 
-    def fit(columns: Sequence[int], stacked: bool, least: int) -> Table | None:
+    def fit(columns: Sequence[int], stacked: bool, least: int, title: str = title) -> Table | None:
         # The width the value columns and the borders take, measured with a 1-column label.
         probe = _table(shown, designs, columns, stacked, 1, "", headings)
         room = width - (_fixed_width(probe) - 1)
@@ -366,11 +366,16 @@ def rich_table(
         return table
     for k in range(len(designs) - 1, 0, -1):
         chunks = [every[i : i + k] for i in range(0, len(every), k)]
-        tables = [fit(c, True, MIN_LABEL) for c in chunks]
+        tables = [fit(c, True, MIN_LABEL, title if n == 0 else "") for n, c in enumerate(chunks)]
         if all(t is not None for t in tables):
             return Group(*(t for t in tables if t is not None))
     # Not even one design beside the labels: give the labels what is left and let rich fold.
-    return Group(*(_table(shown, designs, [i], True, MIN_LABEL, title, headings) for i in every))
+    return Group(
+        *(
+            _table(shown, designs, [i], True, MIN_LABEL, title if i == 0 else "", headings)
+            for i in every
+        )
+    )
 
 
 def render_text(renderable: RenderableType, width: int) -> str:
@@ -395,7 +400,11 @@ def table_width(console: Console) -> int | None:
 def widen(console: Console, *renderables: RenderableType) -> None:
     """Piped to a file, rich would wrap at 80 columns: widen the console to the renderables."""
     if not console.is_terminal:
-        console.width = max([console.width, *(natural_width(console, r) for r in renderables)])
+        widths = [natural_width(console, r) for r in renderables]
+        titles = [
+            len(r.title) for r in renderables if isinstance(r, Table) and isinstance(r.title, str)
+        ]
+        console.width = max([console.width, *widths, *titles])
 
 
 # -- provenance ---------------------------------------------------------------------------------
