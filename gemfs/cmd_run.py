@@ -41,9 +41,13 @@ def _load(path: str) -> Workload:
 
 
 def _play(
-    workload: Workload, designs: list[Design], factory: BackendFactory, console: Console
+    workload: Workload,
+    designs: list[Design],
+    factory: BackendFactory,
+    seeds: int,
+    console: Console,
 ) -> list[RunResult]:
-    total = workload.ticks * len(designs)
+    total = workload.ticks * len(designs) * seeds
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -53,11 +57,11 @@ def _play(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(workload.name, total=total)
 
-        def tick(design: Design, phase: str) -> None:
-            bar.update(task, advance=1, description=f"{design.value}: {phase}")
+        def tick(design: Design, seed: int, phase: str) -> None:
+            bar.update(task, advance=1, description=f"{design.value} seed {seed}: {phase}")
 
         try:
-            return run_designs(workload, designs, factory, tick)
+            return run_designs(workload, designs, factory, tick, seeds=seeds)
         except BackendUnavailable as e:
             raise click.ClickException(str(e)) from None
 
@@ -66,22 +70,40 @@ def _run_and_report(
     workload: Workload,
     designs: list[Design],
     factory: BackendFactory,
+    seeds: int,
     out: Path,
     json_file: str | None,
 ) -> None:
-    console = Console()
     t0 = time.perf_counter()
-    results = _play(workload, designs, factory, Console(stderr=True))
+    results = _play(workload, designs, factory, seeds, Console(stderr=True))
     elapsed = time.perf_counter() - t0
     records = [r.record for r in results]
-    from tools.report import rich_table, write_report  # matplotlib: only when reporting
+    # matplotlib: only when reporting
+    from tools.report import (
+        HARNESS,
+        provenance,
+        provenance_line,
+        rich_table,
+        table_width,
+        widen,
+        write_report,
+    )
 
     files = write_report(workload, results, out)
     if json_file:
         Path(json_file).write_text(json.dumps([r.to_json() for r in records], indent=1) + "\n")
-    console.print(rich_table(records, title=f"{workload.name}: {workload.description}"))
+    console = Console(highlight=False)
+    width = table_width(console)  # the terminal's; full width when piped to a file
+    table = rich_table(records, title=f"{workload.name}: {workload.description}", width=width)
+    harness = rich_table(
+        records, title=HARNESS.title, sections=(HARNESS,), headings=False, width=width
+    )
+    widen(console, table, harness)
+    console.print(table)
+    console.print(harness)
+    console.print(provenance_line(provenance(workload, records)))
     console.print(
-        f"{len(designs)} design(s) in {elapsed:.1f} s; report: {files.markdown}"
+        f"{len(designs)} design(s) × {seeds} seed(s) in {elapsed:.1f} s; report: {files.markdown}"
         + (f"; records: {json_file}" if json_file else "")
     )
 
@@ -102,6 +124,13 @@ def _run_and_report(
     type=click.Path(file_okay=False),
     help="Report directory (default: out/<workload name>).",
 )
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Play each design this many times, with the workload's seed, seed + 1, ….",
+)
 @click.option("--json", "json_file", metavar="FILE", help="Also write the records here.")
 def run(
     workload: str,
@@ -109,6 +138,7 @@ def run(
     inproc: bool,
     mount: str | None,
     out: str | None,
+    seeds: int,
     json_file: str | None,
 ) -> None:
     """Play a WORKLOAD file under each design and compare them side by side."""
@@ -120,7 +150,7 @@ def run(
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
     out_dir = Path(out) if out else Path("out") / w.name
-    _run_and_report(w, _designs(designs), factory, out_dir, json_file)
+    _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file)
 
 
 @click.command()
@@ -141,8 +171,18 @@ def run(
 @click.option(
     "--inproc", is_flag=True, help="Run the model in this process (no mount, no daemons)."
 )
-def demo(workload_path: str | None, designs: tuple[str, ...], out: str, inproc: bool) -> None:
-    """Run the desktop workload under all four designs on the real stack and compare them."""
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Play each design this many times, with the workload's seed, seed + 1, ….",
+)
+def demo(
+    workload_path: str | None, designs: tuple[str, ...], out: str, inproc: bool, seeds: int
+) -> None:
+    """Run the desktop workload under all four designs on the real stack, several seeds each,
+    and compare them."""
     path = Path(workload_path) if workload_path else EXAMPLES / "desktop.toml"
     if not path.is_file():
         raise click.ClickException(f"{path} not found (run from a source checkout)")
@@ -151,7 +191,7 @@ def demo(workload_path: str | None, designs: tuple[str, ...], out: str, inproc: 
         factory = inproc_factory() if inproc else stack_factory(None)
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
-    _run_and_report(w, _designs(designs), factory, Path(out), None)
+    _run_and_report(w, _designs(designs), factory, seeds, Path(out), None)
 
 
 @click.command()

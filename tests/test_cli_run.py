@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,15 @@ from click.testing import CliRunner, Result
 
 from gemfs.cli import main
 from gemfs.mm import MemoryManager
-from tests.workloads import EXAMPLES, write_small
+from gemfs.mm.types import Design
+from tests.test_report import check_png
+from tests.workloads import EXAMPLES, SMALL, write_small
+from tools.backend import Backend
+from tools.inproc_backend import InprocBackend
+from tools.player import NONDETERMINISTIC, play
+from tools.report import PLOTS, SECTIONS
+from tools.runner import run_designs, seeded
+from tools.workload import Workload, parse_workload
 
 
 def invoke(*args: str) -> Result:
@@ -52,7 +61,10 @@ def test_run_inproc_writes_records_and_report(tmp_path: Path) -> None:
     assert (out / "report.md").is_file()
     assert (out / "runs.json").is_file()
     assert json.loads((out / "runs.json").read_text()) == data
-    assert "order-9 probes succeeded / tried" in r.output
+    assert "allocations succeeded" in r.output
+    assert "drain after idle" in r.output
+    assert "harness (wall clock" in r.output
+    assert "backend inproc; seeds 5; gemfs " in r.output
     assert str(out / "report.md") in r.output
 
 
@@ -63,6 +75,91 @@ def test_run_default_designs_are_all_four(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     designs = [d["design"] for d in json.loads(records.read_text())]
     assert designs == ["pinned", "shmem-hook", "gemfs", "notifier"]
+
+
+def deterministic(record: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in record.items() if k not in NONDETERMINISTIC}
+
+
+def test_run_seeds_plays_each_design_under_consecutive_seeds(tmp_path: Path) -> None:
+    workload = write_small(tmp_path)
+    out, records = tmp_path / "report", tmp_path / "out.json"
+    r = invoke(
+        "run", str(workload), "--inproc", "--seeds", "2", "--design", "pinned",
+        "--design", "notifier", "--json", str(records), "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(records.read_text())
+    assert [(d["design"], d["seed"]) for d in data] == [
+        ("pinned", 5), ("pinned", 6), ("notifier", 5), ("notifier", 6),
+    ]  # fmt: skip
+    assert json.loads((out / "runs.json").read_text()) == data
+    # Each record is exactly what playing that seed gives: the seed reached the player.
+    w = parse_workload(SMALL, str(workload))
+    for d in data:
+        ws = dataclasses.replace(w, seed=d["seed"])
+        design = Design(d["design"])
+        alone = play(ws, InprocBackend(ws, design), design).record.to_json()
+        assert deterministic(d) == deterministic(alone), (d["design"], d["seed"])
+    # And the seeds differ: a second seed is a different run, not a copy.
+    assert data[0]["buddyinfo"] != data[1]["buddyinfo"]
+    assert data[0]["seed"] + 1 == data[1]["seed"]
+    for name in PLOTS:
+        check_png(out / name)
+    text = (out / "report.md").read_text()
+    assert "- seeds: 5, 6 (2 per design)" in text
+    assert "- backend: inproc" in text
+    assert "seeds 5, 6;" in r.output
+    assert "2 design(s) × 2 seed(s)" in r.output
+
+
+def test_run_output_is_full_width_when_piped(tmp_path: Path) -> None:
+    r = invoke("run", str(write_small(tmp_path)), "--inproc", "--seeds", "2",
+               "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    # Not wrapped at 80 columns: every label whole on one line, all designs in one header.
+    for section in SECTIONS:
+        for metric in section.metrics:
+            assert any(metric.label in line for line in lines), metric.label
+    assert max(len(line) for line in lines) > 80
+    header = next(line for line in lines if line.lstrip().startswith("metric"))
+    assert header.split() == ["metric", "pinned", "shmem-hook", "gemfs", "notifier"]
+
+
+def test_run_seeds_must_be_positive(tmp_path: Path) -> None:
+    r = invoke("run", str(write_small(tmp_path)), "--inproc", "--seeds", "0")
+    assert r.exit_code == 2
+    assert "--seeds" in one_error_line(r)
+
+
+class Recorder:
+    """A backend factory that notes which workload seed and design each backend was made for."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, int]] = []
+
+    def __call__(self, workload: Workload, design: Design) -> Backend:
+        self.made.append((design.value, workload.seed))
+        return InprocBackend(workload, design)
+
+
+def test_run_designs_seed_loop() -> None:
+    w = parse_workload(SMALL, "small.toml")
+    assert [x.seed for x in seeded(w, 3)] == [5, 6, 7]
+    assert [dataclasses.replace(x, seed=5) for x in seeded(w, 3)] == [w] * 3
+    with pytest.raises(ValueError, match="at least 1"):
+        seeded(w, 0)
+    factory = Recorder()
+    ticks: list[tuple[Design, int, str]] = []
+    results = run_designs(
+        w, [Design.GEMFS, Design.PINNED], factory, lambda *a: ticks.append(a), seeds=2
+    )
+    expected = [("gemfs", 5), ("gemfs", 6), ("pinned", 5), ("pinned", 6)]
+    assert factory.made == expected
+    assert [(r.record.design, r.record.seed) for r in results] == expected
+    assert len(ticks) == 4 * w.ticks
+    assert [(d.value, s) for d, s, _ in ticks[:: w.ticks]] == expected
 
 
 def test_run_unknown_design() -> None:
@@ -107,11 +204,25 @@ def test_run_inproc_and_mount_conflict(tmp_path: Path) -> None:
 def test_demo_runs_and_says_where_the_report_is(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     r = invoke(
-        "demo", "--workload", str(write_small(tmp_path)), "--design", "gemfs", "--out", str(out)
-    )
+        "demo", "--workload", str(write_small(tmp_path)), "--design", "gemfs", "--out", str(out),
+        "--seeds", "1",
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert f"report: {out / 'report.md'}" in r.output.replace("\n", "")
     assert (out / "report.md").is_file()
+
+
+def test_demo_plays_three_seeds_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = invoke(
+        "demo", "--workload", str(write_small(tmp_path)), "--design", "notifier", "--inproc",
+        "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    runs = json.loads((out / "runs.json").read_text())
+    assert [(x["design"], x["seed"]) for x in runs] == [("notifier", s) for s in (5, 6, 7)]
+    assert "seeds 5, 6, 7" in r.output
+    assert "- seeds: 5, 6, 7 (3 per design)" in (out / "report.md").read_text()
 
 
 def test_demo_bad_design() -> None:

@@ -1,4 +1,4 @@
-"""Runs one workload under several designs, one backend each, and collects the results.
+"""Runs one workload under several designs and seeds, one backend each, and collects the results.
 
 The backend is chosen here: :class:`tools.inproc_backend.InprocBackend` for ``--inproc``;
 otherwise the multi-process stack from ``tools.stack_backend.make_stack_backend(workload,
@@ -7,6 +7,7 @@ design, mount)``, imported only when asked for so the in-process path works with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable, Sequence
@@ -51,16 +52,32 @@ def stack_factory(mount: str | None) -> BackendFactory:
     return build
 
 
+def seeded(workload: Workload, seeds: int) -> list[Workload]:
+    """The workload with seeds ``seed, seed + 1, …``: ``seeds`` of them, the file's seed first."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, not {seeds}")
+    return [dataclasses.replace(workload, seed=workload.seed + k) for k in range(seeds)]
+
+
 def run_designs(
     workload: Workload,
     designs: Sequence[Design],
     factory: BackendFactory,
-    progress: Callable[[Design, str], None] | None = None,
+    progress: Callable[[Design, int, str], None] | None = None,
+    seeds: int = 1,
 ) -> list[RunResult]:
-    """Play the workload once per design, each on a fresh backend, same seed."""
+    """Play the workload ``seeds`` times per design (seeds ``seed``, ``seed + 1``, …), each run on
+    a fresh backend; the results come design by design, seeds in order within each design.
+
+    ``progress(design, seed, phase)`` is called once per tick.
+    """
+    plays = seeded(workload, seeds)
     results = []
     for design in designs:
-        tick: Progress | None = None if progress is None else functools.partial(progress, design)
-        backend = factory(workload, design)
-        results.append(play(workload, backend, design, tick))
+        for w in plays:
+            tick: Progress | None = None
+            if progress is not None:
+                tick = functools.partial(progress, design, w.seed)
+            backend = factory(w, design)
+            results.append(play(w, backend, design, tick))
     return results
