@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -12,11 +13,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gemfs.mm.types import Design
+from gemfs.mm.types import Design, MigrateType
 from tools.player import RunResult
 from tools.runner import (
     BackendFactory,
     BackendUnavailable,
+    default_jobs,
     inproc_factory,
     run_designs,
     stack_factory,
@@ -46,6 +48,7 @@ def _play(
     factory: BackendFactory,
     seeds: int,
     console: Console,
+    jobs: int = 1,
 ) -> list[RunResult]:
     total = workload.ticks * len(designs) * seeds
     columns = (
@@ -61,7 +64,7 @@ def _play(
             bar.update(task, advance=1, description=f"{design.value} seed {seed}: {phase}")
 
         try:
-            return run_designs(workload, designs, factory, tick, seeds=seeds)
+            return run_designs(workload, designs, factory, tick, seeds=seeds, jobs=jobs)
         except BackendUnavailable as e:
             raise click.ClickException(str(e)) from None
 
@@ -73,9 +76,10 @@ def _run_and_report(
     seeds: int,
     out: Path,
     json_file: str | None,
+    jobs: int = 1,
 ) -> None:
     t0 = time.perf_counter()
-    results = _play(workload, designs, factory, seeds, Console(stderr=True))
+    results = _play(workload, designs, factory, seeds, Console(stderr=True), jobs)
     elapsed = time.perf_counter() - t0
     records = [r.record for r in results]
     # matplotlib: only when reporting
@@ -132,6 +136,19 @@ def _run_and_report(
     help="Play each design this many times, with the workload's seed, seed + 1, ….",
 )
 @click.option("--json", "json_file", metavar="FILE", help="Also write the records here.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs played at once (default: one per core, at most 4; 1 with --mount).",
+)
+@click.option(
+    "--gem-migratetype",
+    type=click.Choice(["unmovable", "movable", "reclaimable"]),
+    default=None,
+    help="Allocate GEM pages with this migrate type instead of the design's (an ablation; "
+    "the workload's [driver] migratetype does the same).",
+)
 def run(
     workload: str,
     designs: tuple[str, ...],
@@ -140,17 +157,28 @@ def run(
     out: str | None,
     seeds: int,
     json_file: str | None,
+    jobs: int | None,
+    gem_migratetype: str | None,
 ) -> None:
-    """Play a WORKLOAD file under each design and compare them side by side."""
+    """Play a WORKLOAD file under each design and compare them side by side.
+
+    Example: gemfs run examples/desktop.toml --inproc --seeds 3 --design pinned
+    --gem-migratetype movable"""
     if inproc and mount:
         raise click.UsageError("--mount needs the multi-process stack; drop --inproc")
     w = _load(workload)
+    if gem_migratetype:
+        w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
     try:
         factory = inproc_factory() if inproc else stack_factory(mount)
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
     out_dir = Path(out) if out else Path("out") / w.name
-    _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file)
+    if jobs is None:
+        jobs = 1 if mount else default_jobs()
+    elif mount and jobs > 1:
+        raise click.UsageError("--mount plays on one existing mount: --jobs must be 1")
+    _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file, jobs)
 
 
 @click.command()
@@ -178,8 +206,19 @@ def run(
     show_default=True,
     help="Play each design this many times, with the workload's seed, seed + 1, ….",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs played at once (default: one per core, at most 4).",
+)
 def demo(
-    workload_path: str | None, designs: tuple[str, ...], out: str, inproc: bool, seeds: int
+    workload_path: str | None,
+    designs: tuple[str, ...],
+    out: str,
+    inproc: bool,
+    seeds: int,
+    jobs: int | None,
 ) -> None:
     """Run the desktop workload under all four designs on the real stack, several seeds each,
     and compare them."""
@@ -191,7 +230,7 @@ def demo(
         factory = inproc_factory() if inproc else stack_factory(None)
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
-    _run_and_report(w, _designs(designs), factory, seeds, Path(out), None)
+    _run_and_report(w, _designs(designs), factory, seeds, Path(out), None, jobs or default_jobs())
 
 
 @click.command()

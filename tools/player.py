@@ -21,6 +21,7 @@ import numpy as np
 
 import gemfs
 from gemfs.mm import OutOfMemory
+from gemfs.mm.costs import COST_SOURCES
 from gemfs.mm.types import PAGE_SIZE, PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, Design
 from tools.backend import Backend, Handle, Sample
 from tools.inproc_backend import InprocBackend
@@ -151,7 +152,7 @@ class RunRecord:
     costs: dict[str, float] = field(default_factory=dict)
     # {"hugepages_recovered" (successful high-order allocations, run and drain, that needed
     #  direct compaction), "stall_ms_per_hugepage", "migrated_per_hugepage"}
-    efficiency: dict[str, float] = field(default_factory=dict)
+    efficiency: dict[str, float | None] = field(default_factory=dict)
     # The end-of-run "drain after idle" (a count = "all" probe): {"order", "blocks", "tried",
     # "stopped_at_failure"}; blocks = 0 and tried = 0 when the workload has none.
     drain: dict[str, Any] = field(default_factory=dict)
@@ -456,6 +457,7 @@ class Player:
             provenance={
                 "gemfs_version": gemfs.__version__,
                 "cost_table": dict(end["cost_table"]),
+                "cost_sources": dict(COST_SOURCES),
                 "workload_file": self.w.path,
             },
         )
@@ -505,13 +507,14 @@ class Player:
             "refusals": c["refusals"],
         }
 
-    def _efficiency(self, end: Sample) -> dict[str, float]:
+    def _efficiency(self, end: Sample) -> dict[str, float | None]:
+        """Cost per huge page recovered; None (not 0) when none was: a ratio with no meaning."""
         c = end["costs"]
         n = self.recovered
         return {
             "hugepages_recovered": n,
-            "stall_ms_per_hugepage": round(c["gpu_stall_ms"] / n, 6) if n else 0.0,
-            "migrated_per_hugepage": round(c["pages_migrated"] / n, 3) if n else 0.0,
+            "stall_ms_per_hugepage": round(c["gpu_stall_ms"] / n, 6) if n else None,
+            "migrated_per_hugepage": round(c["pages_migrated"] / n, 3) if n else None,
         }
 
 

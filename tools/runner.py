@@ -7,9 +7,11 @@ design, mount)``, imported only when asked for so the in-process path works with
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -65,19 +67,30 @@ def run_designs(
     factory: BackendFactory,
     progress: Callable[[Design, int, str], None] | None = None,
     seeds: int = 1,
+    jobs: int = 1,
 ) -> list[RunResult]:
     """Play the workload ``seeds`` times per design (seeds ``seed``, ``seed + 1``, …), each run on
     a fresh backend; the results come design by design, seeds in order within each design.
 
-    ``progress(design, seed, phase)`` is called once per tick.
+    ``jobs`` > 1 plays that many runs at once (each its own backend: on the stack, its own
+    mount and processes). What a run reports is modelled, so it does not depend on ``jobs``.
+    ``progress(design, seed, phase)`` is called once per tick (from the runs' threads).
     """
-    plays = seeded(workload, seeds)
-    results = []
-    for design in designs:
-        for w in plays:
-            tick: Progress | None = None
-            if progress is not None:
-                tick = functools.partial(progress, design, w.seed)
-            backend = factory(w, design)
-            results.append(play(w, backend, design, tick))
-    return results
+    plays = [(design, w) for design in designs for w in seeded(workload, seeds)]
+
+    def one(design: Design, w: Workload) -> RunResult:
+        tick: Progress | None = None
+        if progress is not None:
+            tick = functools.partial(progress, design, w.seed)
+        return play(w, factory(w, design), design, tick)
+
+    if jobs <= 1 or len(plays) <= 1:
+        return [one(d, w) for d, w in plays]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(one, d, w) for d, w in plays]
+        return [f.result() for f in futures]
+
+
+def default_jobs() -> int:
+    """Runs at once by default: one per core (at most 4)."""
+    return max(1, min(4, os.cpu_count() or 1))
