@@ -310,11 +310,16 @@ def test_report_md_and_runs_json_state_the_provenance(
 def test_provenance_without_a_version_says_where_it_came_from(
     workload: Workload, results: list[RunResult]
 ) -> None:
+    import dataclasses
     import importlib.metadata
 
-    p = provenance(workload, [r.record for r in results])
+    bare = [dataclasses.replace(r.record, provenance={}) for r in results]
+    p = provenance(workload, bare)
     assert p.versions == (importlib.metadata.version("gemfs"),)
     assert not p.version_from_records
+    carried = provenance(workload, [r.record for r in results])
+    assert carried.version_from_records
+    assert carried.versions == (importlib.metadata.version("gemfs"),)
     assert p.backends == ("inproc",)
     assert p.seeds == (5,)
     assert p.workload_file == "small.toml"
@@ -469,7 +474,9 @@ HARNESS_EXPECTED: dict[str, Callable[[dict[str, Any]], list[float]]] = {
 def test_report_numbers_equal_runs_json(report: ReportFiles) -> None:
     runs = json.loads(report.runs.read_text())
     assert [r["design"] for r in runs] == DESIGNS
-    results, harness, buddy = md_tables(report.markdown.read_text())
+    tables = md_tables(report.markdown.read_text())
+    results, harness = (t for t in tables if t[0][0] == "metric")
+    buddy = next(t for t in tables if t[0][:2] == ["design", "seed"])
     for table, expected in ((results, EXPECTED), (harness, HARNESS_EXPECTED)):
         header, *rows = table
         assert header == ["metric", *(r["design"] for r in runs)]
@@ -495,7 +502,9 @@ def test_report_mentions_the_workload_provenance_and_plots(report: ReportFiles) 
     assert text.startswith("# gemfs run: small")
     assert "- backend: inproc" in text
     assert "- seeds: 5 (1 per design)" in text
-    assert "The records carry no cost table." in text
+    assert "The records carry no cost table." not in text
+    assert "copy_page_us" in text
+    assert "NVIDIA H100" in text  # the pin costs' source is printed beside the value
     for png in PLOTS:
         assert f"]({png})" in text
 

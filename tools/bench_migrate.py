@@ -35,7 +35,7 @@ def _frames(stack: Stack) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _latencies(stack: Stack, since: int) -> np.ndarray:
-    lat = stack.core.call("stats")["callback_latency_us"]
+    lat = stack.core.call("stats")["callback_wall_us"]
     return np.asarray(lat[since:], dtype=np.float64)
 
 
@@ -85,7 +85,7 @@ def bench_migrate(pages: int = 16384, single: int = 1000, batch: int = 512) -> M
         for _ in range(pages // 256):
             r = stack.drv.call("create", {"size": 1 << 20})
             stack.drv.call("exec", {"objs": [r["obj"]], "duration_ms": 0, "write": True})
-        n0 = len(stack.core.call("stats")["callback_latency_us"])
+        n0 = len(stack.core.call("stats")["callback_wall_us"])
         one, _ = _move(stack, single, 1)
         lat1 = _latencies(stack, n0)
         n1 = n0 + len(lat1)
