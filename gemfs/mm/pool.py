@@ -46,6 +46,13 @@ PG_TARGET = 0x80  # free frame taken out of the buddy lists as a migration targe
 OWNER_NONE = -1
 OWNER_KERNEL = -2  # an allocation that belongs to no object (kernel noise, probes)
 
+METADATA_BYTES_PER_FRAME = 12  # the per-frame arrays below
+S_MAXBYTES_POOLS = 4
+"""The largest file is this many pools (``s_maxbytes``; beyond it write and truncate answer
+EFBIG). No file can hold more data than the pool, but a sparse one may be larger (holes cost
+nothing); the bound keeps every dense view of a page table (8 bytes per page of file size, e.g.
+a driver's pin map) under 1/128 of the pool, however large a size or offset a user asks for."""
+
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
 
@@ -68,6 +75,8 @@ class PagePool:
     def __init__(self, size: int | str, *, name: str = "gemfs-pool") -> None:
         self.size = check_pool_size(size)
         self.nr_pages = self.size // PAGE_SIZE
+        # The largest file (the superblock's s_maxbytes), see S_MAXBYTES_POOLS.
+        self.s_maxbytes = S_MAXBYTES_POOLS * self.size
         self.nr_pageblocks = self.nr_pages // PAGEBLOCK_NR_PAGES
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
