@@ -7,7 +7,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -164,9 +163,8 @@ def test_write_by_another_user_drops_setuid_and_setgid(shared: Path) -> None:
 
 def test_long_name_lookup_is_enametoolong(shared: Path) -> None:
     for name in ("a" * 256, "é" * 128):  # 256 bytes either way
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match=rf"^\[Errno {errno.ENAMETOOLONG}\] "):
             os.stat(shared / name)
-        assert e.value.errno == errno.ENAMETOOLONG
     (shared / ("b" * 255)).write_bytes(b"")  # 255 is allowed
     assert os.stat(shared / ("b" * 255)).st_size == 0
 
