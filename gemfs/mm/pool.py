@@ -57,6 +57,65 @@ I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
 
 
+class PoolTooLarge(ValueError):
+    """The machine cannot hold a pool of the requested size (one line for the user)."""
+
+
+def memory_available() -> tuple[int, str] | None:
+    """Bytes this process can still get, and where that figure comes from: MemAvailable from
+    /proc/meminfo, or what the cgroup's memory.max leaves when that is less (a memfd's pages
+    are shmem, charged to the cgroup). None when neither can be read."""
+    best: tuple[int, str] | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    best = (int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo")
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    cg = _cgroup_headroom()
+    if cg is not None and (best is None or cg[0] < best[0]):
+        best = cg
+    return best
+
+
+def _cgroup_headroom() -> tuple[int, str] | None:
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            rel = next((ln.split(":", 2)[2].strip() for ln in f if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(base, "memory.max"), encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current"), encoding="ascii") as f:
+            used = int(f.read())
+        return max(0, int(limit) - used), f"left under memory.max of cgroup {rel}"
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def check_memory(nbytes: int) -> None:
+    """Refuse a pool the machine cannot hold: its frames are real shared memory, and a pool
+    larger than what is available gets processes OOM-killed once it is touched."""
+    need = nbytes + nbytes // PAGE_SIZE * METADATA_BYTES_PER_FRAME
+    have = memory_available()
+    if have is not None and need > have[0]:
+        raise PoolTooLarge(
+            f"a pool of {format_size(nbytes)} needs {_approx(need)} of memory; "
+            f"only {_approx(have[0])} is available ({have[1]})"
+        )
+
+
+def _approx(nbytes: int) -> str:
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.1f} GiB"
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def check_pool_size(size: int | str) -> int:
     """Return the pool size in bytes, or raise ValueError with a clear reason."""
     nbytes = parse_size(size)
@@ -74,6 +133,7 @@ class PagePool:
 
     def __init__(self, size: int | str, *, name: str = "gemfs-pool") -> None:
         self.size = check_pool_size(size)
+        check_memory(self.size)
         self.nr_pages = self.size // PAGE_SIZE
         # The largest file (the superblock's s_maxbytes), see S_MAXBYTES_POOLS.
         self.s_maxbytes = S_MAXBYTES_POOLS * self.size
