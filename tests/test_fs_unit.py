@@ -434,7 +434,10 @@ def kernel(mm: MemoryManager, fs: GemFS) -> Kernel:
 
 
 async def test_kernel_create_resolve_path(kernel: Kernel, fs: GemFS) -> None:
-    await fs.mkdir(ROOT_INODE, b"gpu", 0o755, CTX)
+    await fs.mkdir(ROOT_INODE, b"gpu", 0o777, CTX)
+    with pytest.raises(ObjectError) as denied:  # "/" is 0755 and not uid 1000's
+        kernel.create_file("bo0", PAGE_SIZE, 1000, 1000, 0o640)
+    assert denied.value.errno == errno.EACCES
     obj = kernel.create_file("gpu/bo1", 3 * PAGE_SIZE, 1000, 1000, 0o640)
     assert obj.nr_resident == 3
     assert obj.size == 3 * PAGE_SIZE
