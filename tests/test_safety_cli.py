@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from gemfs.control.client import SyncClient
 from gemfs.mm.pool import PagePool, PoolTooLarge, memory_available
 from gemfs.mm.types import MAX_BLOCK_PAGES, PAGE_SIZE
 from gemfs.mountproc import is_mounted, mount_entry
+from gemfs.testing import mount_gemfs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 UNIT = MAX_BLOCK_PAGES * PAGE_SIZE
@@ -104,3 +106,32 @@ def test_mount_entry_reads_the_type(tmpfs: Path) -> None:
     entry = mount_entry(str(tmpfs))
     assert entry is not None
     assert entry[1:] == ("tmpfs", "gemfs-test")
+
+
+def test_background_compactor_exits_cleanly_at_umount(tmp_path: Path) -> None:
+    ctl = tmp_path / "ctl.sock"
+    with mount_gemfs(tmp_path / "mnt", pool="8MiB", control=str(ctl)) as m:
+        comp = subprocess.Popen(
+            [sys.executable, "-m", "gemfs", "compactor", "--control", str(ctl)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with SyncClient(str(ctl)) as c:
+                deadline = time.monotonic() + 30
+                while not any(p["role"] == "compactor" for p in c.call("stats")["peers"]):
+                    assert comp.poll() is None, comp.communicate()
+                    assert time.monotonic() < deadline, "the compactor never connected"
+                    time.sleep(0.05)
+            res = gemfs("umount", m.path)
+            assert res.returncode == 0, res.stderr
+            _, err = comp.communicate(timeout=30)
+        finally:
+            if comp.poll() is None:
+                comp.kill()
+                comp.wait()
+    assert comp.returncode == 0, err
+    assert err.strip().splitlines() == [
+        "compactor: the mount's control socket closed (unmounted); exiting"
+    ]
