@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import pyfuse3
 import trio
 
+from gemfs import fuse_lseek
 from gemfs.fs import GemFS, Inode, Kind, split_path
 from gemfs.mm import Design, GemObject, MemoryManager, ObjectError
 from gemfs.mm.types import format_size
@@ -197,6 +198,7 @@ async def serve(
         except RuntimeError as e:
             raise MountError(f"cannot mount on {mountpoint}: {e}") from None
         fs.mounted = True
+        fuse_lseek.install(fs.seek_data_hole)  # SEEK_DATA/SEEK_HOLE like tmpfs
         # Signals are caught from here to the end: one arriving while we shut down is no kill.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             try:

@@ -717,6 +717,38 @@ class GemFS(pyfuse3.Operations):
             raise _err(errno.EINVAL) from None
         return len(buf)
 
+    def seek_data_hole(self, ino: int, off: int, whence: int) -> int:
+        """lseek(SEEK_DATA / SEEK_HOLE) as tmpfs answers it: data is a page with a frame, a
+        hole a page without one, the end of the file is a hole; ENXIO at or past the end.
+        Called synchronously from the session (see gemfs.fuse_lseek); errors as OSError."""
+        node = self.inodes.get(ino)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such inode")
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE come here")
+        obj = node.obj
+        size = obj.size if obj is not None else 0
+        if off < 0 or off >= size:
+            raise OSError(errno.ENXIO, "offset at or past the end of the file")
+        assert obj is not None
+        idx, _ = obj.resident()
+        idx = idx[idx < obj.nr_pages]
+        page = off // PAGE_SIZE
+        j = int(np.searchsorted(idx, page))
+        here = j < len(idx) and int(idx[j]) == page
+        if whence == os.SEEK_DATA:
+            if here:
+                return off
+            if j == len(idx):
+                raise OSError(errno.ENXIO, "no data past the offset")
+            return int(idx[j]) * PAGE_SIZE
+        if not here:
+            return off
+        run = idx[j:] - np.arange(page, page + len(idx) - j)  # 0 while the pages are consecutive
+        gap = np.flatnonzero(run)
+        hole = page + (int(gap[0]) if len(gap) else len(idx) - j)
+        return min(hole * PAGE_SIZE, size)
+
     @_handler
     async def flush(self, fh: int) -> None:
         return None

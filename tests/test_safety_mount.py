@@ -181,3 +181,54 @@ def test_readdir_lists_dot_and_dotdot(shared: Path, pub: GemfsMount) -> None:
     sub = shared / "sub"
     sub.mkdir()
     assert os.stat(sub / "..").st_ino == os.stat(shared).st_ino
+
+
+def seek_answers(path: Path, size: int) -> list[tuple[int, int, int | str]]:
+    fd = os.open(path, os.O_RDONLY)
+    out: list[tuple[int, int, int | str]] = []
+    try:
+        offsets = sorted({0, 1, 4095, 4096, 5000, 8191, 8192, 65536, size - 1, size, size + 9})
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            for off in offsets:
+                try:
+                    out.append((whence, off, os.lseek(fd, off, whence)))
+                except OSError as e:
+                    out.append((whence, off, errno.errorcode[e.errno or 0]))
+    finally:
+        os.close(fd)
+    return out
+
+
+LAYOUTS: dict[str, tuple[list[tuple[int, bytes]], int | None]] = {
+    "empty": ([], None),
+    "dense": ([(0, b"d" * 3 * 4096)], None),
+    "byte_far": ([(1 << 20, b"x")], None),
+    "islands": ([(5000, b"a"), (65536, b"b" * 8192), (200_000, b"c")], None),
+    "truncated_up": ([(0, b"t" * 100)], 300_000),
+    "hole_then_truncated": ([(70_000, b"h")], 60_000),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_seek_data_and_hole_answer_like_tmpfs(shared: Path, tmp_path: Path, layout: str) -> None:
+    """SEEK_DATA/SEEK_HOLE on the same sparse file, on gemfs and on a kernel tmpfs."""
+    writes, size = LAYOUTS[layout]
+    ref_dir = tmp_path / "tmpfs"
+    ref_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "none", str(ref_dir)], check=True)
+    try:
+        files = [shared / layout, ref_dir / layout]
+        for f in files:
+            fd = os.open(f, os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                for off, data in writes:
+                    os.pwrite(fd, data, off)
+                if size is not None:
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        st = files[1].stat().st_size
+        assert files[0].stat().st_size == st
+        assert seek_answers(files[0], st) == seek_answers(files[1], st)
+    finally:
+        subprocess.run(["umount", str(ref_dir)], check=False)
