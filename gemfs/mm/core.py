@@ -190,7 +190,7 @@ class MemoryManager:
             p.owner[pfns] = obj.id
             p.index[pfns] = holes + start
             seg[holes] = pfns
-            obj.pages[holes + start] = pfns
+            obj.pages[start:end] = seg
         return seg
 
     def truncate(self, obj: GemObject, size: int) -> None:

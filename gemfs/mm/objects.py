@@ -116,10 +116,15 @@ class PageTable:
 
     # -- reading ------------------------------------------------------------------------------
     def _range(self, start: int, stop: int) -> I64:
+        first, last = start >> XA_CHUNK_SHIFT, (stop - 1) >> XA_CHUNK_SHIFT
+        if first == last and stop > start:  # within one leaf: the common case, one copy
+            row = self._leaves.get(first)
+            if row is not None:
+                lo = start & _MASK
+                return self._store[row, lo : lo + stop - start].copy()
         out = np.full(max(0, stop - start), HOLE, dtype=np.int64)
         if stop <= start or not self._leaves:
             return out
-        first, last = start >> XA_CHUNK_SHIFT, (stop - 1) >> XA_CHUNK_SHIFT
         if last - first + 1 > len(self._leaves):  # a wide range over few leaves
             leaves = sorted(k for k in self._leaves if first <= k <= last)
         else:
@@ -137,6 +142,12 @@ class PageTable:
             return out
         ok = (idx >= 0) & (idx < self._len)
         leaf = idx >> XA_CHUNK_SHIFT
+        lo, hi = int(leaf.min()), int(leaf.max())
+        if lo == hi:  # one leaf: no grouping needed
+            row = self._leaves.get(lo)
+            if row is not None:
+                out[ok] = self._store[row, idx[ok] & _MASK]
+            return out
         uniq, inv = np.unique(leaf, return_inverse=True)
         row_of = np.fromiter(
             (self._leaves.get(int(k), -1) for k in uniq), dtype=np.int64, count=len(uniq)
@@ -210,6 +221,11 @@ class PageTable:
             row = self._row(i >> XA_CHUNK_SHIFT)  # may grow _store: look it up after
             self._store[row, i & _MASK] = v
             return
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self._len)
+            if stop > start:
+                self._set_range(start, stop, value)
+            return
         idx = self._indices(key)
         if not len(idx):
             return
@@ -217,6 +233,14 @@ class PageTable:
             raise IndexError(f"page index out of range for a table of {self._len}")
         vals = np.broadcast_to(np.asarray(value, dtype=np.int64), idx.shape)
         leaf = idx >> XA_CHUNK_SHIFT
+        lo, hi = int(leaf.min()), int(leaf.max())
+        if lo == hi:  # one leaf: no grouping needed
+            got = self._leaves.get(lo)
+            if got is None and not np.any(vals >= 0):
+                return
+            row = self._row(lo) if got is None else got
+            self._store[row, idx & _MASK] = vals
+            return
         uniq, inv = np.unique(leaf, return_inverse=True)
         inv = inv.reshape(-1)
         # A leaf is made only where a frame is stored; holes in absent leaves are already holes.
@@ -233,6 +257,18 @@ class PageTable:
         rows = row_of[inv]
         ok = rows >= 0
         self._store[rows[ok], idx[ok] & _MASK] = vals[ok]
+
+    def _set_range(self, start: int, stop: int, value: npt.ArrayLike) -> None:
+        vals = np.broadcast_to(np.asarray(value, dtype=np.int64), (stop - start,))
+        for leaf in range(start >> XA_CHUNK_SHIFT, ((stop - 1) >> XA_CHUNK_SHIFT) + 1):
+            lo = max(start, leaf << XA_CHUNK_SHIFT)
+            hi = min(stop, (leaf + 1) << XA_CHUNK_SHIFT)
+            v = vals[lo - start : hi - start]
+            got = self._leaves.get(leaf)
+            if got is None and not np.any(v >= 0):
+                continue  # holes where there is no leaf are holes already
+            row = self._row(leaf) if got is None else got
+            self._store[row, lo & _MASK : ((hi - 1) & _MASK) + 1] = v
 
     # -- dense views (bounded by the table's length) ------------------------------------------
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> I64:
