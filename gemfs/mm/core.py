@@ -196,7 +196,7 @@ class MemoryManager:
     def truncate(self, obj: GemObject, size: int) -> None:
         """Set the file size; shrinking frees the frames past the end (pinned: EBUSY).
 
-        Beyond the largest file (``s_maxbytes``, the pool's size): EFBIG, as truncate(2)."""
+        Beyond the largest file (``pool.s_maxbytes``): EFBIG, as truncate(2)."""
         if size < 0:
             raise ObjectError(errno.EINVAL, "negative size")
         if size > self.pool.s_maxbytes:
