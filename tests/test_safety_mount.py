@@ -210,8 +210,13 @@ LAYOUTS: dict[str, tuple[list[tuple[int, bytes]], int | None]] = {
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_seek_data_and_hole_answer_like_tmpfs(shared: Path, tmp_path: Path, layout: str) -> None:
+def test_seek_data_and_hole_answer_like_tmpfs(
+    pub: GemfsMount, shared: Path, tmp_path: Path, layout: str
+) -> None:
     """SEEK_DATA/SEEK_HOLE on the same sparse file, on gemfs and on a kernel tmpfs."""
+    declined = [ln for ln in pub.log().splitlines() if "SEEK_DATA/SEEK_HOLE stay" in ln]
+    if declined:  # gemfs.fuse_lseek found this pyfuse3/libfuse build not as it expects
+        pytest.skip(declined[0])
     writes, size = LAYOUTS[layout]
     ref_dir = tmp_path / "tmpfs"
     ref_dir.mkdir()
