@@ -14,6 +14,7 @@ import click
 from gemfs.mountproc import (
     MountError,
     check_fuse_device,
+    check_gemfs_mount,
     check_mountpoint,
     report,
     server_args,
@@ -42,7 +43,9 @@ DESIGNS = ("pinned", "shmem-hook", "gemfs", "notifier")
     "allow_uids",
     multiple=True,
     type=click.IntRange(0),
-    help="Also let this uid connect to the control socket (repeatable; socket becomes 0666).",
+    help="Also let this uid connect to the control socket as a client or compactor "
+    "(repeatable; the socket becomes 0666). Never as a driver: a driver maps the whole pool, "
+    "so only root and the mount's owner may be one.",
 )
 @click.option(
     "--callback-timeout",
@@ -105,13 +108,13 @@ def mount(
 
 
 def _check_args(mountpoint: str, pool: str, design: str) -> None:
-    from gemfs.mm.pool import check_pool_size
+    from gemfs.mm.pool import check_memory, check_pool_size
     from gemfs.mm.types import Design
 
     check_fuse_device()
     check_mountpoint(mountpoint)
     try:
-        check_pool_size(pool)
+        check_memory(check_pool_size(pool))  # before the server starts: at once, one line
         Design.parse(design)
     except ValueError as e:
         raise MountError(str(e)) from None
@@ -189,9 +192,7 @@ def _first(group: BaseExceptionGroup[MountError]) -> MountError:
 def umount(mountpoint: str, lazy: bool) -> None:
     """Unmount a gemfs mount (the server then exits)."""
     try:
-        if not os.path.ismount(mountpoint):
-            raise MountError(f"{mountpoint} is not a mount point")
-        unmount(mountpoint, lazy=lazy)
+        unmount(check_gemfs_mount(mountpoint), lazy=lazy)
     except MountError as e:
         raise click.ClickException(str(e)) from None
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gemfs.mm.pool import PoolTooLarge
 from gemfs.mm.types import Design, MigrateType
 from tools.player import RunResult
 from tools.runner import (
@@ -65,7 +66,7 @@ def _play(
 
         try:
             return run_designs(workload, designs, factory, tick, seeds=seeds, jobs=jobs)
-        except BackendUnavailable as e:
+        except (BackendUnavailable, PoolTooLarge) as e:
             raise click.ClickException(str(e)) from None
 
 

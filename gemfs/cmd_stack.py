@@ -60,14 +60,31 @@ def driver_cmd(
     _run_trio("driver", main)
 
 
-def _run_trio(what: str, main: Callable[[], Awaitable[None]]) -> None:
-    """trio.run with the errors a user can cause (socket, protocol) as one line."""
+def _run_trio(what: str, main: Callable[[], Awaitable[None]]) -> bool:
+    """trio.run with the errors a user can cause (socket, protocol) as one line.
+
+    The mount going away (unmounted: the core closes the connection) is how a background
+    driver or compactor normally ends: one line, exit status 0, and False is returned."""
     import trio
 
+    error: BaseException | None = None
     try:
         trio.run(main)
     except* (CallError, OSError) as eg:
-        raise click.ClickException(f"{what}: {_leaf(eg)}") from None
+        error = _leaf(eg)
+    if error is None:
+        return True
+    if _core_gone(error):
+        click.echo(f"{what}: the mount's control socket closed (unmounted); exiting", err=True)
+        return False
+    raise click.ClickException(f"{what}: {error}")
+
+
+def _core_gone(exc: BaseException) -> bool:
+    """Did the core close the connection under us (as opposed to refusing it at the start)?"""
+    if isinstance(exc, CallError):
+        return exc.errno in ("ENOTCONN", "ECONNRESET", "EPIPE")
+    return isinstance(exc, ConnectionResetError | BrokenPipeError)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -145,7 +162,8 @@ def compactor_cmd(
             )
             nursery.cancel_scope.cancel()
 
-    _run_trio("compactor", main)
+    if not _run_trio("compactor", main):
+        return
     if result:
         s = result[0]
         click.echo(

@@ -13,16 +13,22 @@ import errno
 import logging
 import os
 import signal
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pyfuse3
 import trio
 
+from gemfs import fuse_lseek
 from gemfs.fs import GemFS, Inode, Kind, split_path
 from gemfs.mm import Design, GemObject, MemoryManager, ObjectError
 from gemfs.mm.types import format_size
-from gemfs.mountproc import MountError, check_fuse_device, check_mountpoint, mount_device
+from gemfs.mountproc import (
+    MountError,
+    check_fuse_device,
+    check_mountpoint,
+    control_socket_in_use,
+    mount_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,8 @@ class Kernel:
         parent = self.fs.walk("/".join(os.fsdecode(p) for p in parts[:-1]))
         if parent.kind is not Kind.DIR:
             raise ObjectError(errno.ENOTDIR, f"{path}: parent is not a directory")
+        if not _permits(parent, uid, gid, os.W_OK | os.X_OK):  # as open(O_CREAT) would check
+            raise ObjectError(errno.EACCES, f"{path}: no permission to create in the directory")
         inode = self.fs.new_file(parent, parts[-1], mode, uid, gid, size)
         assert inode.obj is not None
         return inode.obj
@@ -94,13 +102,7 @@ class Kernel:
             return False
         if inode.obj is None:
             return False
-        if uid == 0:
-            return True
-        if uid == inode.uid:
-            return bool(inode.mode & stat.S_IWUSR)
-        if gid == inode.gid:
-            return bool(inode.mode & stat.S_IWGRP)
-        return bool(inode.mode & stat.S_IWOTH)
+        return _permits(inode, uid, gid, os.W_OK)
 
     def path_of(self, obj: GemObject) -> str:
         """The object's path from the mount root ("/dir/name"; "... (deleted)" once unlinked)."""
@@ -139,6 +141,20 @@ class Kernel:
         await self.fs.invalidate(obj, first_page, count)
 
 
+def _permits(inode: Inode, uid: int, gid: int, want: int) -> bool:
+    """The mode-bit check the kernel's default_permissions makes (root may do anything)."""
+    if uid == 0:
+        return True
+    if uid == inode.uid:
+        shift = 6
+    elif gid == inode.gid:
+        shift = 3
+    else:
+        shift = 0
+    have = (inode.mode >> shift) & 0o7
+    return have & want == want
+
+
 def mount_options() -> set[str]:
     opts = set(pyfuse3.default_options) | {"fsname=gemfs", "subtype=gemfs"}
     if os.geteuid() == 0:
@@ -164,6 +180,8 @@ async def serve(
     """
     mountpoint = check_mountpoint(mountpoint)
     check_fuse_device()
+    if control_path is not None and control_socket_in_use(control_path):
+        raise MountError(f"control socket {control_path} is in use by a live server")
     try:
         mm = MemoryManager(pool, design=design)
     except ValueError as e:
@@ -180,6 +198,7 @@ async def serve(
         except RuntimeError as e:
             raise MountError(f"cannot mount on {mountpoint}: {e}") from None
         fs.mounted = True
+        fuse_lseek.install(fs.seek_data_hole)  # SEEK_DATA/SEEK_HOLE like tmpfs
         # Signals are caught from here to the end: one arriving while we shut down is no kill.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             try:
@@ -207,7 +226,10 @@ async def _serve_mounted(
             await fs.ready.wait()
         set_readahead(kernel.mountpoint, READAHEAD_KB)
         for service in services:
-            await nursery.start(service, kernel)
+            try:
+                await nursery.start(service, kernel)
+            except OSError as e:  # e.g. the control socket: one line for the user
+                raise MountError(f"cannot start {_service_name(service)}: {e}") from None
         log.info(
             "gemfs mounted on %s (pool %s, design %s)",
             kernel.mountpoint,
@@ -215,6 +237,11 @@ async def _serve_mounted(
             mm.design.value,
         )
         task_status.started(kernel)
+
+
+def _service_name(service: Service) -> str:
+    fn = getattr(service, "func", service)  # functools.partial
+    return str(getattr(fn, "__name__", "a service")).replace("_", " ")
 
 
 def set_readahead(mountpoint: str, kb: int) -> None:

@@ -28,7 +28,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import numpy as np
@@ -96,6 +96,7 @@ class Inode:
 @dataclass(eq=False, slots=True)
 class Handle:
     inode: Inode
+    uid: int = 0  # who opened it: a write through it by anyone but root drops set-uid bits
     text: bytes = b""  # .gemfs file: the rendering being read
     entries: list[tuple[bytes, int]] | None = None  # directory: listing being read
 
@@ -429,10 +430,10 @@ class GemFS(pyfuse3.Operations):
         a.st_ctime_ns = inode.ctime_ns
         return a
 
-    def _open_handle(self, inode: Inode) -> int:
+    def _open_handle(self, inode: Inode, uid: int = 0) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(inode)
+        self.handles[fh] = Handle(inode, uid)
         inode.opens += 1
         return fh
 
@@ -457,6 +458,8 @@ class GemFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
         if name == b".":
             inode = parent
         elif name == b"..":
@@ -503,13 +506,19 @@ class GemFS(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         node = self.inode(inode)
+        if changes.size is not None and ctx.uid != 0:
+            changes = replace(changes, mode=_kill_suid(node.mode, changes.mode))
+        await self._setattr_waiting(node, changes)
+        return self.attributes(node)
+
+    async def _setattr_waiting(self, node: Inode, changes: SetAttrs) -> None:
         # A truncate that would cut pages mid-migration waits for the batch to land (the
         # kernel would wait on the page lock); callbacks are time-boxed, so this is bounded.
         with trio.move_on_after(MIGRATION_WAIT_S):
             while True:
                 try:
                     self.apply_setattr(node, changes)
-                    return self.attributes(node)
+                    return
                 except ObjectError as e:
                     if e.errno != errno.EAGAIN:
                         raise
@@ -568,7 +577,7 @@ class GemFS(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         inode = self.new_file(self._dir(parent_inode), name, mode, ctx.uid, ctx.gid)
         inode.lookups += 1
-        fh = self._open_handle(inode)
+        fh = self._open_handle(inode, ctx.uid)
         return self._file_info(fh, inode, flags), self.attributes(inode)
 
     @_handler
@@ -665,7 +674,12 @@ class GemFS(pyfuse3.Operations):
                 raise _err(errno.EACCES)
             if acc != os.O_RDONLY and node.proc.store is None:
                 raise _err(errno.EACCES)
-        return self._file_info(self._open_handle(node), node, flags)
+        if node.obj is not None and flags & os.O_TRUNC:
+            # The kernel asks for an atomic O_TRUNC: the truncation is ours to do (and, like
+            # truncate(2), it updates mtime and ctime and drops set-uid bits of others' files).
+            mode = _kill_suid(node.mode, None) if ctx.uid != 0 else None
+            await self._setattr_waiting(node, SetAttrs(size=0, mode=mode))
+        return self._file_info(self._open_handle(node, ctx.uid), node, flags)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -689,6 +703,8 @@ class GemFS(pyfuse3.Operations):
         if inode.obj is not None:
             n = self.mm.write(inode.obj, off, buf)
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            if h.uid != 0:  # write(2) by a process without CAP_FSETID drops set-uid/set-gid
+                inode.mode = drop_suid(inode.mode)
             return n
         proc = inode.proc
         if proc is None or proc.store is None:
@@ -700,6 +716,38 @@ class GemFS(pyfuse3.Operations):
             log.info("%s: rejected %r: %s", proc.name, buf[:80], e)
             raise _err(errno.EINVAL) from None
         return len(buf)
+
+    def seek_data_hole(self, ino: int, off: int, whence: int) -> int:
+        """lseek(SEEK_DATA / SEEK_HOLE) as tmpfs answers it: data is a page with a frame, a
+        hole a page without one, the end of the file is a hole; ENXIO at or past the end.
+        Called synchronously from the session (see gemfs.fuse_lseek); errors as OSError."""
+        node = self.inodes.get(ino)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such inode")
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE come here")
+        obj = node.obj
+        size = obj.size if obj is not None else 0
+        if off < 0 or off >= size:
+            raise OSError(errno.ENXIO, "offset at or past the end of the file")
+        assert obj is not None
+        idx, _ = obj.resident()
+        idx = idx[idx < obj.nr_pages]
+        page = off // PAGE_SIZE
+        j = int(np.searchsorted(idx, page))
+        here = j < len(idx) and int(idx[j]) == page
+        if whence == os.SEEK_DATA:
+            if here:
+                return off
+            if j == len(idx):
+                raise OSError(errno.ENXIO, "no data past the offset")
+            return int(idx[j]) * PAGE_SIZE
+        if not here:
+            return off
+        run = idx[j:] - np.arange(page, page + len(idx) - j)  # 0 while the pages are consecutive
+        gap = np.flatnonzero(run)
+        hole = page + (int(gap[0]) if len(gap) else len(idx) - j)
+        return min(hole * PAGE_SIZE, size)
 
     @_handler
     async def flush(self, fh: int) -> None:
@@ -728,15 +776,20 @@ class GemFS(pyfuse3.Operations):
         h = self.handles[fh]
         d = h.inode
         if start_id == 0 or h.entries is None:
-            h.entries = list(d.children.items())
+            dots = [(b".", d.ino), (b"..", d.parent or ROOT_INODE)]
+            h.entries = dots + list(d.children.items())
         for i in range(start_id, len(h.entries)):
             name, ino = h.entries[i]
-            if d.children.get(name) != ino:
+            dot = i < 2
+            if not dot and d.children.get(name) != ino:
                 continue  # removed since the listing began
-            child = self.inodes[ino]
+            child = self.inodes.get(ino)
+            if child is None:
+                continue  # "..": the parent went away since the listing began
             if not self.readdir_reply(token, name, self.attributes(child), i + 1):
                 break
-            child.lookups += 1
+            if not dot:  # the kernel takes no reference on "." and ".."
+                child.lookups += 1
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -802,6 +855,23 @@ class GemFS(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.inode(inode)
         raise _err(errno.EPERM if name.startswith(XATTR_PREFIX.encode()) else errno.ENOTSUP)
+
+
+def drop_suid(mode: int) -> int:
+    """The mode without set-uid, and without set-gid when group-executable: what the kernel
+    drops when a process without CAP_FSETID writes or truncates a file (should_remove_suid)."""
+    kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+    return mode & ~kill
+
+
+def _kill_suid(mode: int, new_mode: int | None) -> int | None:
+    """The permission bits a setattr should set so that set-uid bits drop (``new_mode``, if
+    the request sets a mode, or the current ones); None when there is nothing to change."""
+    base = mode if new_mode is None else stat.S_IFMT(mode) | (new_mode & 0o7777)
+    dropped = drop_suid(base)
+    if dropped == base:
+        return new_mode
+    return dropped & 0o7777
 
 
 def split_path(path: str) -> list[bytes]:

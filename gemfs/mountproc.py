@@ -13,6 +13,8 @@ import os
 import re
 import select
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -159,16 +161,61 @@ def is_mounted(path: str) -> bool:
 def mount_device(mountpoint: str) -> str | None:
     """``major:minor`` of what is mounted on mountpoint (the top of the stack), from
     /proc/self/mountinfo: a stat of a FUSE mount point would wait for its server to answer."""
-    dev = None
+    entry = mount_entry(mountpoint)
+    return None if entry is None else entry[0]
+
+
+def mount_entry(mountpoint: str) -> tuple[str, str, str] | None:
+    """(``major:minor``, file system type, source) of the top mount on mountpoint (an
+    absolute path), from /proc/self/mountinfo; None when nothing is mounted there."""
+    found = None
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                    dev = fields[2]
+                    # after the optional fields, " - " then fstype and source
+                    rest = fields[fields.index("-", 6) + 1 :] if "-" in fields[6:] else []
+                    fstype, source = [*rest, "", ""][:2]
+                    found = (fields[2], fstype, _unescape(source))
     except OSError:
         return None
-    return dev
+    return found
+
+
+GEMFS_FSTYPE = "fuse.gemfs"  # mount_options(): subtype=gemfs
+
+
+def check_gemfs_mount(path: str) -> str:
+    """The mount point's resolved path if a gemfs mount sits on top of it, else MountError."""
+    p = os.path.abspath(path)
+    target = os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    entry = mount_entry(target)
+    if entry is None:
+        raise MountError(f"{path} is not a mount point")
+    if entry[1] != GEMFS_FSTYPE:
+        raise MountError(f"{path} is not a gemfs mount (it is {entry[1] or 'unknown'})")
+    return target
+
+
+def control_socket_in_use(path: str, timeout: float = 2.0) -> bool:
+    """Does a live server listen on the Unix socket at path? A socket file whose server died
+    refuses the connection (stale: safe to replace); anything that accepts is live."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        return False  # not a socket at all: the server's bind reports that itself
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # e.g. EAGAIN (a full backlog) or a timeout: someone is there
+    return True
 
 
 def _unescape(field: str) -> str:

@@ -69,6 +69,7 @@ def format_pool(mm: MemoryManager, extra: Mapping[str, str] | None = None) -> st
         "page_size": PAGE_SIZE,
         "pages": p.nr_pages,
         "pageblocks": p.nr_pageblocks,
+        "s_maxbytes": p.s_maxbytes,  # the largest file: write/truncate beyond it is EFBIG
         "design": mm.design.value,
         "free_pages": mm.buddy.free_pages,
         "objects": len(mm.objects),

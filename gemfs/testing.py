@@ -3,7 +3,10 @@
 Fixtures (function scope):
 
 ``gemfs_mount``
-    A fresh mount (64MiB pool, default design) in a temporary directory: a :class:`GemfsMount`.
+    A fresh mount (64MiB pool, default design) in a temporary directory: a :class:`GemfsMount`,
+    which is ``os.PathLike`` (``Path(gemfs_mount)``, ``open(gemfs_mount / "f", "w")``,
+    ``os.listdir(gemfs_mount)`` all work) and carries ``path``, ``proc`` (the server process),
+    ``log_path``, ``gemfs_dir``, ``read_stat(name)``, ``write_knob(name, value)`` and ``log()``.
 ``gemfs_mount_factory``
     ``factory(pool="64MiB", design="shmem-hook", test_faults=False, control=None, extra=())``
     mounts one more; every mount it made is unmounted at teardown.
@@ -49,12 +52,22 @@ EXIT_TIMEOUT = 20.0
 
 @dataclass
 class GemfsMount:
-    """A mounted gemfs served by a child process."""
+    """A mounted gemfs served by a child process; ``os.PathLike`` (its mount point), so
+    ``Path(m)``, ``open(m / "f")`` and ``os.listdir(m)`` work.
+
+    ``path``: the mount point. ``proc``: the server process. ``log_path``: its log.
+    """
 
     path: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
     closed: bool = field(default=False, repr=False)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str | os.PathLike[str]) -> Path:
+        return self.path / name
 
     @property
     def gemfs_dir(self) -> Path:
@@ -114,7 +127,13 @@ def mount_gemfs(
     extra: Sequence[str] = (),
     log_path: str | os.PathLike[str] | None = None,
 ) -> Iterator[GemfsMount]:
-    """Mount gemfs on ``mountpoint`` (created if missing) for the duration of the block."""
+    """Mount gemfs on ``mountpoint`` (created if missing) for the duration of the block.
+
+    ``pool`` (e.g. "256MiB") and ``design`` (pinned, shmem-hook, gemfs, notifier) as for
+    ``gemfs mount``; ``control``: a control socket path; ``test_faults``: enable
+    .gemfs/inject_fault; ``extra``: more ``gemfs mount`` options; ``log_path``: the server's
+    log (default: next to the mount point). Yields a :class:`GemfsMount`; on leaving, unmounts
+    and fails the test with the log unless the server exited with status 0."""
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
     log = Path(log_path) if log_path is not None else mp.with_name(mp.name + ".log")
@@ -138,8 +157,10 @@ def mount_gemfs(
 
 @pytest.fixture
 def gemfs_mount_factory(tmp_path: Path) -> Iterator[Callable[..., GemfsMount]]:
-    """``factory(pool=..., design=..., test_faults=..., control=..., extra=...)``: one more
-    mount under tmp_path; all are unmounted and checked at teardown."""
+    """Mount more gemfs: ``factory(pool="64MiB", design="shmem-hook", *, test_faults=False,
+    control=None, extra=())`` returns one more GemfsMount under tmp_path (``control``: a
+    control socket path; ``extra``: more ``gemfs mount`` options). All are unmounted at
+    teardown, and the test fails with the server's log if one did not exit with status 0."""
     with contextlib.ExitStack() as stack:
         count = 0
 
@@ -168,5 +189,9 @@ def gemfs_mount_factory(tmp_path: Path) -> Iterator[Callable[..., GemfsMount]]:
 
 @pytest.fixture
 def gemfs_mount(gemfs_mount_factory: Callable[..., GemfsMount]) -> GemfsMount:
-    """A fresh gemfs mount (64MiB pool, default design) for one test."""
+    """A fresh gemfs mount (64MiB pool, shmem-hook design) for one test, unmounted after it.
+    The value is a GemfsMount and os.PathLike: ``Path(gemfs_mount)``, ``gemfs_mount / "f"``.
+    Attributes: ``path``, ``proc`` (server process), ``log_path``, ``gemfs_dir`` (.gemfs);
+    methods ``read_stat(name)``, ``write_knob(name, value)``, ``log()``. Other scopes: use
+    ``gemfs.testing.mount_gemfs(mountpoint, pool=..., design=...)`` in your own fixture."""
     return gemfs_mount_factory()

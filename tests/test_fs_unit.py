@@ -120,8 +120,10 @@ async def test_lookup_counts_and_forget(fs: GemFS, mm: MemoryManager) -> None:
 async def test_readdir_counts_lookups_and_stops(fs: GemFS) -> None:
     inos = [(await create(fs, n))[0] for n in (b"a", b"b", b"c")]
     before = {i: fs.inodes[i].lookups for i in inos}
-    assert await listdir(fs, ROOT_INODE) == [GEMFS_DIR.encode(), b"a", b"b", b"c"]
+    dots = [b".", b".."]
+    assert await listdir(fs, ROOT_INODE) == [*dots, GEMFS_DIR.encode(), b"a", b"b", b"c"]
     assert all(fs.inodes[i].lookups == before[i] + 1 for i in inos)
+    assert fs.inodes[ROOT_INODE].lookups == 1  # "." and "..": the kernel takes no reference
 
     calls: list[bytes] = []
 
@@ -131,7 +133,7 @@ async def test_readdir_counts_lookups_and_stops(fs: GemFS) -> None:
 
     fs.readdir_reply = full
     fh = await fs.opendir(ROOT_INODE, CTX)
-    await fs.readdir(fh, 1, pyfuse3.ReaddirToken())
+    await fs.readdir(fh, 3, pyfuse3.ReaddirToken())
     assert calls == [b"a", b"b"]
     assert fs.inodes[inos[1]].lookups == before[inos[1]] + 1  # not counted: not returned
 
@@ -141,7 +143,7 @@ async def test_unlink_while_open_keeps_frames_until_release(fs: GemFS, mm: Memor
     await fs.write(fh, 0, b"keep" * 1024)
     free = mm.buddy.free_pages
     await fs.unlink(ROOT_INODE, b"u", CTX)
-    assert await listdir(fs, ROOT_INODE) == [GEMFS_DIR.encode()]
+    assert await listdir(fs, ROOT_INODE) == [b".", b"..", GEMFS_DIR.encode()]
     assert mm.buddy.free_pages == free
     assert await read_all(fs, fh) == b"keep" * 1024
     obj = fs.inodes[ino].obj
@@ -432,7 +434,10 @@ def kernel(mm: MemoryManager, fs: GemFS) -> Kernel:
 
 
 async def test_kernel_create_resolve_path(kernel: Kernel, fs: GemFS) -> None:
-    await fs.mkdir(ROOT_INODE, b"gpu", 0o755, CTX)
+    await fs.mkdir(ROOT_INODE, b"gpu", 0o777, CTX)
+    with pytest.raises(ObjectError) as denied:  # "/" is 0755 and not uid 1000's
+        kernel.create_file("bo0", PAGE_SIZE, 1000, 1000, 0o640)
+    assert denied.value.errno == errno.EACCES
     obj = kernel.create_file("gpu/bo1", 3 * PAGE_SIZE, 1000, 1000, 0o640)
     assert obj.nr_resident == 3
     assert obj.size == 3 * PAGE_SIZE

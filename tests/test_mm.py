@@ -161,7 +161,7 @@ def test_migration_keeps_content_and_refuses_pinned(mm: MemoryManager) -> None:
 def test_migration_rejects_bad_targets(mm: MemoryManager) -> None:
     a = mm.create_object(2 * PAGE_SIZE)
     b = mm.create_object(2 * PAGE_SIZE)
-    out = mm.migrate_pages(a.pages, b.pages)  # targets are in use: refused, nothing moves
+    out = mm.migrate_pages(a.pages.copy(), b.pages.copy())  # targets in use: nothing moves
     assert out.success == 0
     assert all(r == -16 for r in out.results)
     mm.check()

@@ -495,3 +495,28 @@ def test_write_only_handles_bypass_the_cache_and_stay_coherent(work: Path) -> No
             os.close(fd)
         reader.seek(0)
         assert reader.read()[PAGE_SIZE - 1 : PAGE_SIZE + 3] == b"abba"
+
+
+def test_plugin_fixture_is_a_path(gemfs_mount: GemfsMount) -> None:
+    (gemfs_mount / "f").write_bytes(b"x")
+    assert Path(gemfs_mount) == gemfs_mount.path
+    assert sorted(os.listdir(gemfs_mount)) == [".gemfs", "f"]
+    with open(os.path.join(gemfs_mount, "f"), "rb") as f:
+        assert f.read() == b"x"
+    assert int(procfs.parse_pool(gemfs_mount.read_stat("pool"))["size"]) == 64 << 20
+
+
+def test_plugin_fixtures_are_documented(tmp_path: Path) -> None:
+    (tmp_path / "test_x.py").write_text("def test_x(): pass\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for text in ("gemfs_mount ", "gemfs_mount_factory ", "os.PathLike", "mount_gemfs", "log()"):
+        assert text in out, out

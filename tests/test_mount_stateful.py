@@ -93,6 +93,15 @@ class FileOps(RuleBasedStateMachine):
         if data:
             buf[offset : offset + len(data)] = data
 
+    @rule(d=DIRS, name=NAMES, data=DATA, mode=st.sampled_from(["wb", "w+b"]))
+    def overwrite(self, d: str, name: str, data: bytes, mode: str) -> None:
+        """open(O_TRUNC) over an existing file, as a shell's > or cp does (issue 10, item 1)."""
+        if d not in self.dirs:
+            return
+        with open(self.path(d, name), mode) as f:
+            f.write(data)
+        self.files[self.key(d, name)] = bytearray(data)
+
     @rule(d=DIRS, name=NAMES, size=SIZES)
     def truncate(self, d: str, name: str, size: int) -> None:
         k = self.key(d, name)

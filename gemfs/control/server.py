@@ -36,6 +36,7 @@ from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migration
 from gemfs.mm.pool import I64
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
 from gemfs.mm.vmstat import VMSTAT_COUNTERS
+from gemfs.mountproc import control_socket_in_use
 
 log = logging.getLogger("gemfs.control")
 # What a compactor process may add to the pool's vmstat (its own scanning and wake-ups).
@@ -118,13 +119,16 @@ def _mode(args: dict[str, Any]) -> MigrateMode:
 
 
 def _remove_stale_socket(path: str) -> None:
-    """A socket file left by a dead server is removed; anything else at the path is an error."""
+    """A socket file left by a dead server is removed; a live server's socket (one that
+    accepts a connection) or anything else at the path is an error."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+    if control_socket_in_use(path):
+        raise OSError(errno.EADDRINUSE, f"{path}: a live server answers on this socket")
     os.unlink(path)
 
 
@@ -210,9 +214,21 @@ class ControlServer:
                 pass
 
     def _welcome(self, hello: Hello, creds: Credentials) -> dict[str, Any] | Error:
-        if creds.uid not in (0, os.getuid()) and creds.uid not in self.allow_uids:
+        trusted = creds.uid in (0, os.getuid())
+        if not trusted and creds.uid not in self.allow_uids:
             self.stats["refused"] += 1
             return Error(id=0, errno="EACCES", message=f"uid {creds.uid} may not connect")
+        if hello.role == "driver" and not trusted:
+            # A driver gets the pool's memfd read-write: every frame of every file, whoever
+            # owns it. Only root and the mount's own uid may have that; --allow-uid grants the
+            # client and compactor roles, which see frame numbers but never frame contents.
+            self.stats["refused"] += 1
+            return Error(
+                id=0,
+                errno="EACCES",
+                message=f"uid {creds.uid} may not attach as a driver (it would map the whole "
+                "pool); only root and the mount's owner may",
+            )
         pool = self.mm.pool
         return {
             "design": self.mm.design.value,
@@ -222,6 +238,7 @@ class ControlServer:
         }
 
     def _fds(self, hello: Hello) -> list[int]:
+        # Called only after _welcome accepted the peer: a driver here is root or our own uid.
         return [self.mm.pool.fd] if hello.role == "driver" else []
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
@@ -320,6 +337,8 @@ class ControlServer:
                         mm.populate(obj, 0, obj.nr_pages)
                 except OutOfMemory as e:
                     raise _err(errno.ENOSPC, str(e)) from None
+                except ObjectError as e:  # EEXIST, ENOENT, ENOTDIR, ENAMETOOLONG, EACCES, ...
+                    raise _err(e.errno, str(e)) from None
                 except OSError as e:
                     raise _err(e.errno or errno.EIO, str(e)) from None
                 state.owned.add(obj.id)

@@ -203,8 +203,13 @@ class MemoryManager:
         """Give pages [start, start+count) frames (zeroed) where they have none; return frames.
 
         ``zero=False`` skips clearing the new frames: for a caller that overwrites them whole.
+        Pages past the largest file (``s_maxbytes``) are refused with EFBIG.
         """
         end = start + count
+        if start < 0 or count < 0:
+            raise ObjectError(errno.EINVAL, "negative page range")
+        if end * PAGE_SIZE > self.pool.s_maxbytes:
+            raise ObjectError(errno.EFBIG, "past the largest file size of this pool")
         if end > len(obj.pages):
             _grow_page_table(obj, end)
         seg = obj.pages[start:end]
@@ -219,23 +224,28 @@ class MemoryManager:
             p.owner[pfns] = obj.id
             p.index[pfns] = holes + start
             seg[holes] = pfns
-        return seg.copy()
+            obj.pages[start:end] = seg
+        return seg
 
     def truncate(self, obj: GemObject, size: int) -> None:
-        """Set the file size; shrinking frees the frames past the end (pinned: EBUSY)."""
+        """Set the file size; shrinking frees the frames past the end (pinned: EBUSY).
+
+        Beyond the largest file (``pool.s_maxbytes``): EFBIG, as truncate(2)."""
         if size < 0:
             raise ObjectError(errno.EINVAL, "negative size")
+        if size > self.pool.s_maxbytes:
+            raise ObjectError(errno.EFBIG, "larger than the largest file size of this pool")
         npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
         if npages < len(obj.pages):
-            tail = obj.pages[npages:]
-            res = tail[tail >= 0]
+            idx, pfns = obj.resident()
+            res = pfns[idx >= npages]
             if len(res) and np.any(self.pool.pin[res] > 0):
                 raise ObjectError(errno.EBUSY, "pages past the new end are pinned")
             if len(res) and np.any(self.pool.flags[res] & PG_ISOLATED):
                 raise ObjectError(errno.EAGAIN, "pages past the new end are being migrated")
             if len(res):
                 self._release_frames(res)
-            obj.pages = obj.pages[:npages].copy()
+            obj.pages.resize(npages)
         if size % PAGE_SIZE and npages <= len(obj.pages) and npages > 0:
             last = int(obj.pages[npages - 1])
             if last >= 0:  # zero the tail of the last page so a later grow reads zeros
@@ -277,7 +287,17 @@ class MemoryManager:
         return buf.reshape(-1)[lo : lo + n]
 
     def write(self, obj: GemObject, offset: int, data: bytes | memoryview) -> int:
-        """Write bytes, growing the file; ENOSPC (OutOfMemory) leaves the object unchanged."""
+        """Write bytes, growing the file; ENOSPC (OutOfMemory) leaves the object unchanged.
+
+        Like write(2) at the file size limit: what lies past ``s_maxbytes`` is cut off (a short
+        write), and a write that starts there fails with EFBIG."""
+        limit = self.pool.s_maxbytes
+        if offset < 0:
+            raise ObjectError(errno.EINVAL, "negative offset")
+        if len(data) and offset >= limit:
+            raise ObjectError(errno.EFBIG, "past the largest file size of this pool")
+        if offset + len(data) > limit:
+            data = memoryview(data)[: limit - offset]
         n = len(data)
         if n == 0:
             return 0
@@ -293,7 +313,7 @@ class MemoryManager:
             pt = self.populate(obj, first, last - first + 1, zero=False)
         except OutOfMemory:
             if len(obj.pages) > old_len:
-                obj.pages = obj.pages[:old_len].copy()
+                obj.pages.resize(old_len)
             raise
         frames = self.pool.frames
         for i in fresh:
@@ -787,28 +807,10 @@ class MemoryManager:
 
 
 def _grow_page_table(obj: GemObject, end: int) -> None:
-    """Extend obj.pages to ``end`` entries (new ones holes), with room to spare.
-
-    obj.pages is a prefix view of a larger buffer, so a file written front to back (one request
-    after the other) does not copy its whole page table on every request.
-    """
-    old = obj.pages
-    n = len(old)
-    buf = old.base
-    if (
-        isinstance(buf, np.ndarray)
-        and buf.dtype == np.int64
-        and buf.ndim == 1
-        and len(buf) >= end
-        and old.flags.c_contiguous
-        and n > 0
-        and old.ctypes.data == buf.ctypes.data
-    ):
-        buf[n:end] = -1
-    else:
-        buf = np.full(max(end, 2 * n), -1, dtype=np.int64)
-        buf[:n] = old
-    obj.pages = buf[:end]
+    """Extend obj.pages to ``end`` slots; new ones are holes, which cost nothing (the table is
+    sparse: memory follows the pages that have frames, not the offset of the last one)."""
+    if end > len(obj.pages):
+        obj.pages.resize(end)
 
 
 def _first_occurrence(a: I64) -> npt.NDArray[np.bool_]:

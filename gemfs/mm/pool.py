@@ -46,8 +46,74 @@ PG_TARGET = 0x80  # free frame taken out of the buddy lists as a migration targe
 OWNER_NONE = -1
 OWNER_KERNEL = -2  # an allocation that belongs to no object (kernel noise, probes)
 
+METADATA_BYTES_PER_FRAME = 12  # the per-frame arrays below
+S_MAXBYTES_POOLS = 4
+"""The largest file is this many pools (``s_maxbytes``; beyond it write and truncate answer
+EFBIG). No file can hold more data than the pool, but a sparse one may be larger (holes cost
+nothing); the bound keeps every dense view of a page table (8 bytes per page of file size, e.g.
+a driver's pin map) under 1/128 of the pool, however large a size or offset a user asks for."""
+
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
+
+
+class PoolTooLarge(ValueError):
+    """The machine cannot hold a pool of the requested size (one line for the user)."""
+
+
+def memory_available() -> tuple[int, str] | None:
+    """Bytes this process can still get, and where that figure comes from: MemAvailable from
+    /proc/meminfo, or what the cgroup's memory.max leaves when that is less (a memfd's pages
+    are shmem, charged to the cgroup). None when neither can be read."""
+    best: tuple[int, str] | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    best = (int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo")
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    cg = _cgroup_headroom()
+    if cg is not None and (best is None or cg[0] < best[0]):
+        best = cg
+    return best
+
+
+def _cgroup_headroom() -> tuple[int, str] | None:
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            rel = next((ln.split(":", 2)[2].strip() for ln in f if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(base, "memory.max"), encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current"), encoding="ascii") as f:
+            used = int(f.read())
+        return max(0, int(limit) - used), f"left under memory.max of cgroup {rel}"
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def check_memory(nbytes: int) -> None:
+    """Refuse a pool the machine cannot hold: its frames are real shared memory, and a pool
+    larger than what is available gets processes OOM-killed once it is touched."""
+    need = nbytes + nbytes // PAGE_SIZE * METADATA_BYTES_PER_FRAME
+    have = memory_available()
+    if have is not None and need > have[0]:
+        raise PoolTooLarge(
+            f"a pool of {format_size(nbytes)} needs {_approx(need)} of memory; "
+            f"only {_approx(have[0])} is available ({have[1]})"
+        )
+
+
+def _approx(nbytes: int) -> str:
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.1f} GiB"
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def check_pool_size(size: int | str) -> int:
@@ -67,7 +133,10 @@ class PagePool:
 
     def __init__(self, size: int | str, *, name: str = "gemfs-pool") -> None:
         self.size = check_pool_size(size)
+        check_memory(self.size)
         self.nr_pages = self.size // PAGE_SIZE
+        # The largest file (the superblock's s_maxbytes), see S_MAXBYTES_POOLS.
+        self.s_maxbytes = S_MAXBYTES_POOLS * self.size
         self.nr_pageblocks = self.nr_pages // PAGEBLOCK_NR_PAGES
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
