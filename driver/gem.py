@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +23,7 @@ import numpy.typing as npt
 from gemfs.mm.types import PAGE_SIZE, MigrateMode
 
 I64 = npt.NDArray[np.int64]
-Frames = npt.NDArray[np.uint8]
+Frames = npt.NDArray[Any]  # (n, PAGE_SIZE) bytes, or (n, 1) uint32 content stamps
 
 EAGAIN = errno.EAGAIN
 # SYNC_LIGHT may wait for the GPU this long before giving up with -EAGAIN.
@@ -59,8 +60,13 @@ class GpuStats:
 
 
 def checksum_frames(frames: Frames, gtt: I64) -> int:
-    """crc32 of an object's content read through its GTT."""
+    """crc32 of an object's content read through its GTT (its bytes, or its pages' stamps)."""
     return zlib.crc32(np.ascontiguousarray(frames[gtt]).data)
+
+
+def stamped(frames: Frames) -> bool:
+    """A content-free pool: one uint32 stamp per frame instead of its bytes."""
+    return bool(frames.shape[1] == 1)
 
 
 def gpu_pattern(obj_id: int, generation: int, nr_pages: int) -> npt.NDArray[np.uint8]:
@@ -77,6 +83,9 @@ class GemDriver:
     frames: Frames
     objects: dict[int, DriverObject] = field(default_factory=dict)
     stats: GpuStats = field(default_factory=GpuStats)
+    # Content-free pools: every page a GPU write touches gets a stamp never used before, so a
+    # frame that does not hold the last write (stale, lost, duplicated) always mismatches.
+    next_stamp: int = 1
 
     def add_object(self, obj_id: int, nr_pages: int, content_checksum: int) -> DriverObject:
         o = DriverObject(obj_id, nr_pages, np.full(nr_pages, -1, np.int64), content_checksum)
@@ -128,7 +137,14 @@ class GemDriver:
             self.stats.pages_read += o.nr_pages
             if write:
                 o.generation = o.generation + 1 if generation is None else generation
-                data = gpu_pattern(o.id, o.generation, o.nr_pages).reshape(-1, PAGE_SIZE)
+                data: npt.NDArray[Any]
+                if stamped(self.frames):  # O(pages) of 4 bytes, not O(bytes)
+                    first = self.next_stamp
+                    self.next_stamp += o.nr_pages
+                    seq = np.arange(o.nr_pages, dtype=np.uint64) + np.uint64(first)
+                    data = seq.astype(np.uint32).reshape(-1, 1)
+                else:
+                    data = gpu_pattern(o.id, o.generation, o.nr_pages).reshape(-1, PAGE_SIZE)
                 self.frames[o.gtt] = data
                 o.checksum = zlib.crc32(data.data)
                 self.stats.pages_written += o.nr_pages

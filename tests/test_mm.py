@@ -278,6 +278,7 @@ class MemoryMachine(RuleBasedStateMachine):
     def setup(self) -> None:
         self.mm = MemoryManager("8MiB", design=Design.SHMEM_HOOK)
         self.contents: dict[int, bytes] = {}
+        self.pinned: dict[int, int] = {}  # object -> pages pinned from its start
         self.kernel: list[int] = []
 
     def teardown(self) -> None:
@@ -300,6 +301,7 @@ class MemoryMachine(RuleBasedStateMachine):
         oid = data.draw(st.sampled_from(sorted(self.contents)))
         self.mm.destroy_object(self.mm.get(oid))
         del self.contents[oid]
+        self.pinned.pop(oid, None)
 
     @precondition(lambda self: self.contents)
     @rule(data=st.data(), off=st.integers(0, 50_000), chunk=st.binary(min_size=1, max_size=9000))
@@ -319,10 +321,12 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def pin_toggle(self, data: st.DataObject) -> None:
         obj = self.mm.get(data.draw(st.sampled_from(sorted(self.contents))))
-        if obj.nr_resident and self.mm.pinned_pages(obj):
-            self.mm.unpin(obj, 0, obj.nr_pages)
+        pinned = self.pinned.pop(obj.id, 0)  # unpin what was pinned (the file may have grown)
+        if pinned:
+            self.mm.unpin(obj, 0, pinned)
         elif obj.nr_pages:
             self.mm.pin(obj, 0, obj.nr_pages)
+            self.pinned[obj.id] = obj.nr_pages
 
     @rule(order=st.integers(0, 3), mt=st.sampled_from(list(MigrateType)))
     def kernel_alloc(self, order: int, mt: MigrateType) -> None:

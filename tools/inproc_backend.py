@@ -9,8 +9,10 @@ on the modelled clock.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from driver.gem import DriverObject
 from driver.inproc import InprocDriver
@@ -28,10 +30,12 @@ class InprocBackend:
 
     name = "inproc"
 
-    def __init__(self, workload: Workload, design: Design) -> None:
+    def __init__(self, workload: Workload, design: Design, *, content: bool = False) -> None:
+        """``content``: frames of real bytes instead of content stamps (the same metrics;
+        for tests that show it)."""
         self.design = design
         costs = CostTable.from_mapping(dict(workload.costs))
-        self.mm = MemoryManager(workload.pool, design=design, costs=costs)
+        self.mm = MemoryManager(workload.pool, design=design, costs=costs, content=content)
         self.clock = self.mm.clock
         self.driver = InprocDriver(self.mm, design, workload.gem_migratetype)
         c = workload.compactor
@@ -79,7 +83,7 @@ class InprocBackend:
         # The rest of the system's page cache: no owner, plain shmem under every design.
         obj = self.mm.create_object(size, migratetype=MigrateType.MOVABLE, path=f"cache/{int(h)}")
         idx, pfns = obj.resident()
-        self.mm.pool.frames[pfns, :8] = _stamps(obj.id, idx).view(np.uint8).reshape(-1, 8)
+        _put_stamps(self.mm.pool.frames, pfns, _stamps(obj.id, idx))
         self._files[h] = obj
         return h
 
@@ -169,8 +173,10 @@ class InprocBackend:
         frames = self.mm.pool.frames
         for f in self._files.values():
             idx, pfns = f.resident()
-            got = np.ascontiguousarray(frames[pfns, :8]).view(np.int64).reshape(-1)
-            if not np.array_equal(got, _stamps(f.id, idx)):
+            want = _stamps(f.id, idx)
+            if frames.shape[1] == 1:
+                want = _fold(want).astype(np.int64)
+            if not np.array_equal(_get_stamps(frames, pfns), want):
                 bad += 1
         return seen + bad
 
@@ -185,5 +191,27 @@ class InprocBackend:
 
 
 def _stamps(obj_id: int, idx: I64) -> I64:
-    """What the first 8 bytes of each page of a page-cache file hold: (file id, page index)."""
+    """What each page of a page-cache file holds: (file id, page index) in 64 bits (the first
+    8 bytes of a byte frame; folded to 32 bits in a content-free frame's stamp)."""
     return (np.int64(obj_id) << np.int64(32)) | idx.astype(np.int64)
+
+
+def _fold(stamps: I64) -> npt.NDArray[np.uint32]:
+    # Page-cache stamps live in the top half of the 32-bit space (a GPU write's counter starts
+    # at 1 and counts up), so a page of a file never equals a page a GPU wrote.
+    u = stamps.astype(np.uint64)
+    return ((u ^ (u >> np.uint64(32))) | np.uint64(1 << 31)).astype(np.uint32)
+
+
+def _put_stamps(frames: npt.NDArray[Any], pfns: I64, stamps: I64) -> None:
+    if frames.shape[1] == 1:
+        frames[pfns, 0] = _fold(stamps)
+    else:
+        frames[pfns, :8] = stamps.view(np.uint8).reshape(-1, 8)
+
+
+def _get_stamps(frames: npt.NDArray[Any], pfns: I64) -> I64:
+    if frames.shape[1] == 1:
+        out: I64 = frames[pfns, 0].astype(np.int64)
+        return out
+    return np.ascontiguousarray(frames[pfns, :8]).view(np.int64).reshape(-1)

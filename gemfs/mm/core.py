@@ -125,9 +125,10 @@ class MemoryManager:
         *,
         design: Design | str = Design.SHMEM_HOOK,
         costs: CostTable | None = None,
+        content: bool = True,
     ) -> None:
         self.design = Design.parse(design) if isinstance(design, str) else design
-        self.pool = PagePool(size)
+        self.pool = PagePool(size, content=content)
         self.buddy = BuddyAllocator(self.pool)
         self.objects: dict[ObjId, GemObject] = {}
         self._next_id = 1
@@ -246,7 +247,7 @@ class MemoryManager:
             if len(res):
                 self._release_frames(res)
             obj.pages.resize(npages)
-        if size % PAGE_SIZE and npages <= len(obj.pages) and npages > 0:
+        if self.pool.content and size % PAGE_SIZE and npages <= len(obj.pages) and npages > 0:
             last = int(obj.pages[npages - 1])
             if last >= 0:  # zero the tail of the last page so a later grow reads zeros
                 self.pool.frames[last, size % PAGE_SIZE :] = 0
@@ -270,7 +271,7 @@ class MemoryManager:
         n = end - offset
         count = last - first + 1
         pt = obj.pages[first : last + 1]
-        frames = self.pool.frames
+        frames = self.pool.data
         if len(pt) < count:  # past the page table (grown by truncate): holes
             pt = np.concatenate((pt, np.full(count - len(pt), -1, dtype=np.int64)))
         elif pt[0] >= 0 and pt[-1] - pt[0] == count - 1:
@@ -315,7 +316,7 @@ class MemoryManager:
             if len(obj.pages) > old_len:
                 obj.pages.resize(old_len)
             raise
-        frames = self.pool.frames
+        frames = self.pool.data
         for i in fresh:
             frames[pt[i - first]] = 0
         src = np.frombuffer(data, dtype=np.uint8)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +48,7 @@ OWNER_NONE = -1
 OWNER_KERNEL = -2  # an allocation that belongs to no object (kernel noise, probes)
 
 METADATA_BYTES_PER_FRAME = 12  # the per-frame arrays below
+STAMP_BYTES_PER_FRAME = 4  # a content-free pool's frames: one uint32 content stamp each
 S_MAXBYTES_POOLS = 4
 """The largest file is this many pools (``s_maxbytes``; beyond it write and truncate answer
 EFBIG). No file can hold more data than the pool, but a sparse one may be larger (holes cost
@@ -98,10 +100,17 @@ def _cgroup_headroom() -> tuple[int, str] | None:
         return None
 
 
-def check_memory(nbytes: int) -> None:
-    """Refuse a pool the machine cannot hold: its frames are real shared memory, and a pool
-    larger than what is available gets processes OOM-killed once it is touched."""
-    need = nbytes + nbytes // PAGE_SIZE * METADATA_BYTES_PER_FRAME
+def pool_memory(nbytes: int, *, content: bool = True) -> int:
+    """Bytes a pool of ``nbytes`` takes: its frames (real bytes, or a stamp each) and metadata."""
+    frames = nbytes if content else nbytes // PAGE_SIZE * STAMP_BYTES_PER_FRAME
+    return frames + nbytes // PAGE_SIZE * METADATA_BYTES_PER_FRAME
+
+
+def check_memory(nbytes: int, *, content: bool = True) -> None:
+    """Refuse a pool the machine cannot hold: its frames are real shared memory (or, without
+    content, a stamp each), and a pool larger than what is available gets processes
+    OOM-killed once it is touched."""
+    need = pool_memory(nbytes, content=content)
     have = memory_available()
     if have is not None and need > have[0]:
         raise PoolTooLarge(
@@ -129,25 +138,37 @@ def check_pool_size(size: int | str) -> int:
 
 
 class PagePool:
-    """Frames plus metadata. Frames live in a memfd so other processes can map them."""
+    """Frames plus metadata. Frames live in a memfd so other processes can map them.
 
-    def __init__(self, size: int | str, *, name: str = "gemfs-pool") -> None:
+    ``content=False`` (model runs that need no mount): a frame is a uint32 *content stamp*
+    instead of 4 KiB of bytes -- ``frames`` has shape (nr_pages, 1). Everything that moves or
+    overwrites content moves or overwrites the stamp the same way (a migration copies it, a GPU
+    or file write sets a new one), so a stale, lost or duplicated page is caught exactly as with
+    bytes, for 16 bytes a frame in all.
+    """
+
+    def __init__(self, size: int | str, *, name: str = "gemfs-pool", content: bool = True) -> None:
         self.size = check_pool_size(size)
-        check_memory(self.size)
+        check_memory(self.size, content=content)
         self.nr_pages = self.size // PAGE_SIZE
         # The largest file (the superblock's s_maxbytes), see S_MAXBYTES_POOLS.
         self.s_maxbytes = S_MAXBYTES_POOLS * self.size
         self.nr_pageblocks = self.nr_pages // PAGEBLOCK_NR_PAGES
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, self.size)
-            self._map: mmap.mmap | None = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.frames: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8).reshape(
-            self.nr_pages, PAGE_SIZE
-        )
+        self.content = content
+        self._map: mmap.mmap | None = None
+        self.fd = -1
+        self.frames: npt.NDArray[Any]  # (n, PAGE_SIZE) uint8, or (n, 1) uint32 stamps
+        if not content:
+            self.frames = np.zeros((self.nr_pages, 1), dtype=np.uint32)
+        else:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, self.size)
+                self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
+            except OSError:
+                os.close(self.fd)
+                raise
+            self.frames = np.frombuffer(self._map, dtype=np.uint8).reshape(self.nr_pages, PAGE_SIZE)
         n = self.nr_pages
         self.flags = np.zeros(n, dtype=np.uint8)
         self.order = np.zeros(n, dtype=np.uint8)
@@ -162,6 +183,19 @@ class PagePool:
         arrays = (self.flags, self.order, self.pin, self.owner, self.index, self.pageblock_mt)
         return sum(a.nbytes for a in arrays)
 
+    @property
+    def data(self) -> npt.NDArray[np.uint8]:
+        """The frames as bytes (file I/O, the mount); a content-free pool has none."""
+        if not self.content:
+            raise ValueError("this pool keeps content stamps, not bytes (a model run)")
+        return self.frames
+
+    @property
+    def bytes_per_frame(self) -> float:
+        """Memory per frame beyond its content bytes: metadata, plus the stamp without content."""
+        stamps = 0 if self.content else self.frames.nbytes
+        return (self.metadata_bytes + stamps) / self.nr_pages
+
     def pageblock_of(self, pfn: int) -> int:
         return pfn >> PAGEBLOCK_ORDER
 
@@ -174,7 +208,7 @@ class PagePool:
     def close(self) -> None:
         """Release the mapping and the memfd (idempotent)."""
         if self._map is None:
-            return
+            return  # closed already, or content-free (nothing mapped)
         del self.frames
         try:
             self._map.close()
