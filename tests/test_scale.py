@@ -115,7 +115,7 @@ def test_a_stale_frame_is_caught(content: bool) -> None:
 
 @pytest.mark.parametrize("content", [False, True])
 def test_a_duplicated_page_is_caught(content: bool) -> None:
-    mm, drv, o = _bound(content)
+    _mm, drv, o = _bound(content)
     o.gtt[3] = o.gtt[2]  # two pages on one frame
     drv.gem.execute([o], 0.0, 0.0, False)
     assert drv.gem.stats.data_errors == 1
