@@ -188,9 +188,9 @@ class RecordingBackend:
         self.calls.append("advance")
         self.inner.advance(seconds)
 
-    def sample(self) -> Sample:
+    def sample(self, *, full: bool = True) -> Sample:
         self.calls.append("sample")
-        return self.inner.sample()
+        return self.inner.sample(full=full)
 
     def verify(self) -> int:
         self.calls.append("verify")

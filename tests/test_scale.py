@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from driver.inproc import InprocDriver
 from gemfs.mm import MemoryManager, MigrateMode, MigrateType
+from gemfs.mm.costs import LatencySketch
 from gemfs.mm.pool import PagePool, PoolTooLarge, check_memory, pool_memory
 from gemfs.mm.types import PAGE_SIZE, Design
 from tools.inproc_backend import InprocBackend
@@ -134,3 +135,42 @@ def test_admission_counts_what_the_pool_needs() -> None:
     with pytest.raises(PoolTooLarge, match="needs"):
         check_memory(1 << 50, content=False)  # 1 PiB of pool: 4 TiB of metadata
     check_memory(64 << 20, content=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0.5, 1e7, allow_nan=False), min_size=1, max_size=400))
+def test_latency_sketch_is_within_its_accuracy(values: list[float]) -> None:
+    sk = LatencySketch(accuracy=0.01)
+    for v in values:
+        sk.add(v)
+    a = np.asarray(values)
+    assert sk.count == len(values)
+    assert sk.max == a.max()
+    for q in (0.5, 0.99):
+        true = float(np.quantile(a, q, method="lower"))
+        true_hi = float(np.quantile(a, q, method="higher"))
+        got = sk.quantile(q)
+        assert true * 0.98 <= got <= true_hi * 1.02
+
+
+def test_latency_sketch_memory_does_not_grow_with_the_count() -> None:
+    sk = LatencySketch()
+    rng = np.random.default_rng(1)
+    for v in rng.lognormal(5, 2, size=100_000):
+        sk.add(float(v))
+    assert sk.count == 100_000
+    assert len(sk.buckets) < 2000  # log-spaced: a few hundred buckets for 8 decades
+
+
+def test_a_thinned_timeline_keeps_the_time_weighted_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tools.player as player
+
+    w = parse_workload(_workload(0.5, 60, 0.5, 12, 2, 3), "t.toml")
+    full = play(w, InprocBackend(w, Design.SHMEM_HOOK), Design.SHMEM_HOOK)
+    monkeypatch.setattr(player, "MAX_TIMELINE", 8)
+    thin = play(w, InprocBackend(w, Design.SHMEM_HOOK), Design.SHMEM_HOOK)
+    assert len(full.timeline) > 16 >= len(thin.timeline)
+    assert thin.timeline[0].step == 0
+    assert thin.timeline[-1].step == full.timeline[-1].step
+    assert thin.record.order9_free_mean == full.record.order9_free_mean
+    assert thin.record.fragmentation_score_peak == full.record.fragmentation_score_peak

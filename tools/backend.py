@@ -117,8 +117,9 @@ class Backend(Protocol):
         """Let time pass; the proactive compactor wakes each interval and runs when due."""
         ...
 
-    def sample(self) -> Sample:
-        """The pool's state now."""
+    def sample(self, *, full: bool = True) -> Sample:
+        """The pool's state now. Without ``full``, ``pageblock_types`` and ``pageblock_states``
+        may be empty: a light sample costs O(what changed), not O(pool)."""
         ...
 
     def verify(self) -> int:

@@ -102,9 +102,9 @@ class InprocBackend:
 
     def probe(self, order: int) -> ProbeResult:
         a = self.mm.allocs
-        before, compacted = len(a.latency_us), a.compacted
+        compacted = a.compacted
         pfn = self.mm.allocate_huge(order, MigrateType.MOVABLE)
-        latency = a.latency_us[before]
+        latency = a.last_latency_us
         if pfn is None:
             return False, latency, False
         self._probes.append(pfn)
@@ -133,7 +133,7 @@ class InprocBackend:
         self.clock.advance_to(end)
 
     # -- statistics -------------------------------------------------------------------------
-    def sample(self) -> Sample:
+    def sample(self, *, full: bool = True) -> Sample:
         mm = self.mm
         vm = mm.refresh_gauges()
         st = self.driver.gem.stats
@@ -156,15 +156,15 @@ class InprocBackend:
             "vmstat": dict(vm),
             "pageblocks": {mt.name.lower(): blocks[mt] for mt in MigrateType},
             "mixed_pageblocks": mm.mixed_pageblocks(),
-            "pageblock_types": mm.pageblock_mt.astype(np.int64).tolist(),
-            "pageblock_states": mm.pageblock_states().astype(np.int64).tolist(),
+            "pageblock_types": mm.pageblock_mt.astype(np.int64).tolist() if full else [],
+            "pageblock_states": mm.pageblock_states().astype(np.int64).tolist() if full else [],
             "callbacks": mm.ledger.callbacks,
             "callback_p50_us": 0.0,  # no wall-clock callbacks in process
             "callback_p99_us": 0.0,
             "gpu": gpu,
             "costs": mm.ledger.to_json(),
             "cost_table": mm.costs.to_json(),
-            "pageblock_mixed": mm.mixed_pageblock_indices().tolist(),
+            "pageblock_mixed": mm.mixed_pageblock_indices().tolist() if full else [],
         }
 
     def verify(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 import gemfs
 from gemfs.mm import OutOfMemory
-from gemfs.mm.costs import COST_SOURCES
+from gemfs.mm.costs import COST_SOURCES, LatencySketch
 from gemfs.mm.types import PAGE_SIZE, PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, Design
 from tools.backend import Backend, Handle, Sample
 from tools.inproc_backend import InprocBackend
@@ -44,6 +44,8 @@ __all__ = ["InprocBackend", "Player", "RunRecord", "RunResult", "TimelinePoint",
 
 Progress = Callable[[str], None]  # called once per tick with the phase's name
 
+# A run keeps at most about this many timeline points (twice as many before it thins them).
+MAX_TIMELINE = 4096
 # Reclaim drops at least this much page cache at a time (kswapd reclaims in batches too).
 RECLAIM_MIN = 4 << 20
 
@@ -194,7 +196,7 @@ class Player:
         self.probes_tried = 0
         self.probes_ok = 0
         # High-order allocations while the workload runs (not the drain): modelled latency each.
-        self.alloc_latency_us: list[float] = []
+        self.alloc_latency = LatencySketch()
         self.alloc_ok = 0
         self.alloc_compacted = 0
         self.recovered = 0  # huge pages that needed direct compaction to exist (run + drain)
@@ -205,11 +207,30 @@ class Player:
         # Page-cache files, oldest first (the LRU reclaim takes from), with their sizes.
         self.lru: dict[Handle, tuple[str, int]] = {}
         self.reclaimed_pages = 0
+        self._last: TimelinePoint | None = None
+        self._first_t = 0.0
+        self._weighted = 0.0
+        self._sum9 = 0
+        self._n9 = 0
+        self._peak = 0
 
     # -- bookkeeping ------------------------------------------------------------------------
-    def _sample(self, phase: str) -> Sample:
-        s = self.b.sample()
-        self.timeline.append(TimelinePoint.of(self.design, self.step, phase, s))
+    def _sample(self, phase: str, *, full: bool = False) -> Sample:
+        s = self.b.sample(full=full)
+        p = TimelinePoint.of(self.design, self.step, phase, s)
+        # Time-weighted free order-9 blocks, accumulated over every sample (the timeline kept
+        # may be thinned; this mean never is).
+        if self._last is not None:
+            self._weighted += self._last.order9_free * (p.time_s - self._last.time_s)
+        self._last = p
+        self._sum9 += p.order9_free
+        self._n9 += 1
+        self._peak = max(self._peak, p.score)
+        self.timeline.append(p)
+        if len(self.timeline) >= 2 * MAX_TIMELINE:
+            # Decimate: keep every other point (the first and the newest always), so a long
+            # run keeps a bounded timeline with its shape.
+            self.timeline = [*self.timeline[:-1:2], self.timeline[-1]]
         self.step += 1
         return s
 
@@ -352,7 +373,7 @@ class Player:
                         tried += 1
                         ok, latency_us, compacted = self.b.probe(phase.order)
                         if not drain:
-                            self.alloc_latency_us.append(latency_us)
+                            self.alloc_latency.add(latency_us)
                         if not ok:
                             if drain:
                                 break
@@ -402,10 +423,11 @@ class Player:
     def run(self) -> RunResult:
         t0 = time.perf_counter()
         start = self._sample("start")
+        self._first_t = start["time_s"]
         for phase in self.w.phases:
             self.run_phase(phase)
         self.b.release_probes()
-        end = self._sample("end")
+        end = self._sample("end", full=True)
         data_errors = self.b.verify()
         elapsed = time.perf_counter() - t0
         before = self.before or start
@@ -422,7 +444,7 @@ class Player:
             order9_before=order_units(before["buddyinfo"]),
             order9_after=order_units(after["buddyinfo"]),
             fragmentation_score=end["score"],
-            fragmentation_score_peak=max(p.score for p in self.timeline),
+            fragmentation_score_peak=self._peak,
             migrations={
                 "success": vm.get("pgmigrate_success", 0),
                 "fail": vm.get("pgmigrate_fail", 0),
@@ -465,30 +487,22 @@ class Player:
 
     # -- the honest-measurement metrics ---------------------------------------------------------
     def _alloc_summary(self) -> dict[str, Any]:
-        lat = np.asarray(self.alloc_latency_us, dtype=np.float64)
-        if len(lat):
-            p50, p99 = np.percentile(lat, [50, 99]).tolist()
-            mx = float(lat.max())
-        else:
-            p50 = p99 = mx = 0.0
         return {
-            "attempts": len(lat),
+            "attempts": self.alloc_latency.count,
             "successes": self.alloc_ok,
             "compacted": self.alloc_compacted,
-            "latency_us": {"p50": round(p50, 3), "p99": round(p99, 3), "max": round(mx, 3)},
+            # percentiles within 1% (a bounded sketch); max exact
+            "latency_us": self.alloc_latency.summary(),
         }
 
     def _order9_free_mean(self) -> float:
         """Free order-9 units weighted by how long (modelled time) each state lasted."""
-        pts = self.timeline
-        if not pts:
+        if self._last is None:
             return 0.0
-        t = np.array([p.time_s for p in pts], dtype=np.float64)
-        v = np.array([p.order9_free for p in pts], dtype=np.float64)
-        span = t[-1] - t[0]
+        span = self._last.time_s - self._first_t
         if span <= 0:
-            return float(v.mean())
-        return float(np.sum(v[:-1] * np.diff(t)) / span)
+            return self._sum9 / self._n9
+        return self._weighted / span
 
     @staticmethod
     def _costs(end: Sample) -> dict[str, float]:

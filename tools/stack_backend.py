@@ -364,8 +364,8 @@ class StackBackend:
     def advance(self, seconds: float) -> None:
         self.core.call("advance", {"seconds": max(0.0, seconds)})
 
-    def sample(self) -> Sample:
-        s = self.core.call("stats")
+    def sample(self, *, full: bool = True) -> Sample:
+        s = self.core.call("stats", {"light": not full})
         d = self.drv.call("stats")
         lat = np.asarray(s["callback_wall_us"], dtype=np.float64)  # harness figure only
         p50, p99 = np.percentile(lat, [50, 99]).tolist() if len(lat) else (0.0, 0.0)

@@ -439,7 +439,7 @@ class ControlServer:
                 result = await self.compact(order, _mode(args))
                 return {"result": result.value, "free": mm.free_blocks_per_order()}
             case "stats":
-                return self.stats_dict()
+                return self.stats_dict(light=bool(args.get("light", False)))
             case "fragmentation":  # cheap: what kcompactd looks at on every wake-up
                 return {
                     "free": mm.free_blocks_per_order(),
@@ -538,8 +538,10 @@ class ControlServer:
             obj.notifier = None
         state.owned.discard(obj.id)
 
-    def stats_dict(self) -> dict[str, Any]:
+    def stats_dict(self, *, light: bool = False) -> dict[str, Any]:
+        """The pool's state; ``light`` leaves out the per-pageblock maps (O(pool) to send)."""
         mm = self.mm
+        maps = not light
         return {
             "design": mm.design.value,
             "pid": os.getpid(),
@@ -551,9 +553,9 @@ class ControlServer:
             "vmstat": dict(mm.refresh_gauges()),
             "pageblocks": mm.pageblocks_per_type(),
             "mixed_pageblocks": mm.mixed_pageblocks(),
-            "pageblock_mixed": pack_i64(mm.mixed_pageblock_indices()),
-            "pageblock_states": mm.pageblock_states().tobytes(),
-            "pageblock_mt": mm.pool.pageblock_mt.tobytes(),
+            "pageblock_mixed": pack_i64(mm.mixed_pageblock_indices()) if maps else b"",
+            "pageblock_states": mm.pageblock_states().tobytes() if maps else b"",
+            "pageblock_mt": mm.pool.pageblock_mt.tobytes() if maps else b"",
             "callback_wall_us": self.callback_wall_us[-10000:],  # harness, not modelled
             "clock": mm.clock.now,
             "costs": mm.ledger.to_json(),

@@ -117,6 +117,7 @@ class BuddyAllocator:
         p = self.pool
         p.flags[pfn : pfn + n] = PG_ALLOC | (mt << PG_MT_SHIFT)
         p.order[pfn : pfn + n] = 0
+        p.touch(pfn, n)
         self.free_pages -= n
 
     # -- allocation -------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class BuddyAllocator:
             first = pfn >> PAGEBLOCK_ORDER
             nblocks = 1 << (current - PAGEBLOCK_ORDER)
             p.pageblock_mt[first : first + nblocks] = start_mt
+            p.pb_dirty[first : first + nblocks] = True
             self.steals += nblocks
             self._del(pfn)
             self._add(pfn, current, start_mt)
@@ -282,6 +284,7 @@ class BuddyAllocator:
         """Free one allocated block (its frames must carry no owner)."""
         n = 1 << order
         self.pool.flags[pfn : pfn + n] = PG_FREE
+        self.pool.touch(pfn, n)
         self._free_one(pfn, order)
 
     def free_pfns(self, pfns: I64) -> None:
@@ -291,6 +294,7 @@ class BuddyAllocator:
         p = self.pool
         pfns = np.unique(pfns)
         p.flags[pfns] = PG_FREE
+        p.touch_pfns(pfns)
         p.pin[pfns] = 0
         p.owner[pfns] = OWNER_NONE
         p.index[pfns] = NIL
@@ -328,6 +332,7 @@ class BuddyAllocator:
             p.flags[h : h + n] = 0
             blocks.append(np.arange(h, h + n, dtype=np.int64))
         p.flags[pfns] = PG_TARGET
+        p.touch_pfns(pfns)
         frames = np.concatenate(blocks)
         back = frames[p.flags[frames] == 0]  # split off, not asked for: back to the lists
         if len(back):

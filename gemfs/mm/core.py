@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from gemfs.mm.buddy import BuddyAllocator
 from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, CompactStats
-from gemfs.mm.costs import Clock, CostTable, Ledger, Task
+from gemfs.mm.costs import Clock, CostTable, LatencySketch, Ledger, Task
 from gemfs.mm.migrate import Answer, Ask, Migrated, Migration
 from gemfs.mm.objects import GemObject
 from gemfs.mm.ops import Owner, Results
@@ -27,7 +27,6 @@ from gemfs.mm.pool import (
     PG_ALLOC,
     PG_FREE,
     PG_ISOLATED,
-    PG_MT_MASK,
     PG_MT_SHIFT,
     PG_OBJECT,
     PG_TARGET,
@@ -38,6 +37,7 @@ from gemfs.mm.types import (
     NR_MIGRATETYPES,
     NR_ORDERS,
     PAGE_SIZE,
+    PAGEBLOCK_NR_PAGES,
     PAGEBLOCK_ORDER,
     Design,
     MigrateMode,
@@ -115,7 +115,8 @@ class AllocStats:
     attempts: int = 0
     successes: int = 0
     compacted: int = 0  # successes that needed direct compaction
-    latency_us: list[float] = field(default_factory=list)
+    latency_us: LatencySketch = field(default_factory=LatencySketch)
+    last_latency_us: float = 0.0
 
 
 class MemoryManager:
@@ -144,6 +145,11 @@ class MemoryManager:
         self.pins = PinRegistry()
         self.allocs = AllocStats()
         self._task: Task | None = None  # the task a direct compaction is charged to
+        # Gauges kept as things happen (a sample must not walk the pool): object frames,
+        # pinned object frames, kernel frames. check() recounts them.
+        self.nr_gem_pages = 0
+        self.nr_gem_pinned = 0
+        self.nr_kernel_pages = 0
 
     def close(self) -> None:
         self.pool.close()
@@ -196,6 +202,8 @@ class MemoryManager:
         self.pins.drop_object(obj.id)
 
     def _release_frames(self, pfns: I64) -> None:
+        self.nr_gem_pinned -= int(np.count_nonzero(self.pool.pin[pfns]))
+        self.nr_gem_pages -= len(pfns)
         self.pool.pin[pfns] = 0
         self.buddy.free_pfns(pfns)
         self.vmstat.inc("pgfree", len(pfns))
@@ -222,6 +230,7 @@ class MemoryManager:
             if zero:
                 p.frames[pfns] = 0
             p.flags[pfns] |= PG_OBJECT
+            self.nr_gem_pages += len(pfns)
             p.owner[pfns] = obj.id
             p.index[pfns] = holes + start
             seg[holes] = pfns
@@ -350,13 +359,20 @@ class MemoryManager:
         self.unpin_pages(seg[seg >= 0])
 
     def pin_pages(self, pfns: I64) -> None:
-        np.add.at(self.pool.pin, pfns, 1)
+        if len(pfns) == 0:
+            return
+        pin = self.pool.pin
+        self.nr_gem_pinned += int(np.count_nonzero(pin[np.unique(pfns)] == 0))
+        np.add.at(pin, pfns, 1)
 
     def unpin_pages(self, pfns: I64) -> None:
+        if len(pfns) == 0:
+            return
         pin = self.pool.pin
-        if len(pfns) and np.any(pin[pfns] == 0):
+        if np.any(pin[pfns] == 0):
             raise ObjectError(errno.EINVAL, "unpin of a page that is not pinned")
         np.subtract.at(pin, pfns, 1)
+        self.nr_gem_pinned -= int(np.count_nonzero(pin[np.unique(pfns)] == 0))
 
     def pinned_pages(self, obj: GemObject) -> int:
         _, pfns = obj.resident()
@@ -434,11 +450,13 @@ class MemoryManager:
         pfn = self.buddy.alloc(order, mt)
         self.pool.owner[pfn : pfn + (1 << order)] = OWNER_KERNEL
         self.kernel_pages[pfn] = order
+        self.nr_kernel_pages += 1 << order
         self.vmstat.inc("pgalloc", 1 << order)
         return pfn
 
     def free_kernel(self, pfn: int) -> None:
         order = self.kernel_pages.pop(pfn)
+        self.nr_kernel_pages -= 1 << order
         self.buddy.free_pfns(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
         self.vmstat.inc("pgfree", 1 << order)
 
@@ -477,6 +495,8 @@ class MemoryManager:
         ok = res == 0
         s, d, i = src[ok], dst[ok], idx[ok]
         if len(s):
+            p.touch_pfns(s)
+            p.touch_pfns(d)
             p.frames[d] = p.frames[s]
             mtbits = int(obj.migratetype) << PG_MT_SHIFT
             p.flags[d] = PG_ALLOC | PG_OBJECT | PG_ISOLATED | mtbits
@@ -703,7 +723,8 @@ class MemoryManager:
         a = self.allocs
         a.attempts += 1
         us = self.costs.alloc_fast_us + task.us
-        a.latency_us.append(us)
+        a.latency_us.add(us)
+        a.last_latency_us = us
         if pfn is not None:
             a.successes += 1
             if self.vmstat["compact_stall"] > compacted_before:
@@ -735,34 +756,29 @@ class MemoryManager:
 
     def mixed_pageblocks(self) -> int:
         """Pageblocks holding allocated pages of a type other than the block's own."""
-        return len(self.mixed_pageblock_indices())
+        self.pool.refresh_pageblocks()
+        return int(np.count_nonzero(self.pool.pb_mixed))
 
     def mixed_pageblock_indices(self) -> I64:
         """The mixed pageblocks themselves (for the pool map)."""
-        p = self.pool
-        fl = p.flags.reshape(p.nr_pageblocks, -1)
-        alloc = (fl & PG_ALLOC) != 0
-        mt = (fl & PG_MT_MASK) >> PG_MT_SHIFT
-        foreign = alloc & (mt != p.pageblock_mt[:, None])
-        return np.flatnonzero(foreign.any(axis=1)).astype(np.int64)
+        self.pool.refresh_pageblocks()
+        return np.flatnonzero(self.pool.pb_mixed).astype(np.int64)
 
     def pageblock_states(self) -> npt.NDArray[np.uint8]:
         """Per pageblock: 0 free, 1 partly used, 2 full; for the pool map plot."""
-        fl = self.pool.flags.reshape(self.pool.nr_pageblocks, -1)
-        nfree = np.count_nonzero(fl & PG_FREE, axis=1)
-        out = np.ones(self.pool.nr_pageblocks, dtype=np.uint8)
-        out[nfree == fl.shape[1]] = 0
-        out[nfree == 0] = 2
+        p = self.pool
+        p.refresh_pageblocks()
+        out = np.ones(p.nr_pageblocks, dtype=np.uint8)
+        out[p.pb_nfree == PAGEBLOCK_NR_PAGES] = 0
+        out[p.pb_nfree == 0] = 2
         return out
 
     def refresh_gauges(self) -> dict[str, int]:
-        p = self.pool
         v = self.vmstat
         v.counters["nr_free_pages"] = self.buddy.free_pages
-        obj_pages = (p.flags & (PG_ALLOC | PG_OBJECT)) == (PG_ALLOC | PG_OBJECT)
-        v.counters["nr_gem_pages"] = int(np.count_nonzero(obj_pages))
-        v.counters["nr_gem_pinned"] = int(np.count_nonzero(obj_pages & (p.pin > 0)))
-        v.counters["nr_kernel_pages"] = sum(1 << o for o in self.kernel_pages.values())
+        v.counters["nr_gem_pages"] = self.nr_gem_pages
+        v.counters["nr_gem_pinned"] = self.nr_gem_pinned
+        v.counters["nr_kernel_pages"] = self.nr_kernel_pages
         v.counters["alloc_fallback"] = self.buddy.fallbacks
         v.counters["pageblock_steal"] = self.buddy.steals
         return v.counters
@@ -804,6 +820,19 @@ class MemoryManager:
         obj_frames = (p.flags & PG_OBJECT) != 0
         assert int(np.count_nonzero(obj_frames)) == int(seen.sum()), "orphan object frames"
         assert not np.any(p.flags & PG_ISOLATED), "page left isolated"
+        obj_pages = (p.flags & (PG_ALLOC | PG_OBJECT)) == (PG_ALLOC | PG_OBJECT)
+        assert self.nr_gem_pages == int(np.count_nonzero(obj_pages)), "nr_gem_pages drifted"
+        pinned = int(np.count_nonzero(obj_pages & (p.pin > 0)))
+        assert self.nr_gem_pinned == pinned, "nr_gem_pinned drifted"
+        kernel = sum(1 << o for o in self.kernel_pages.values())
+        assert self.nr_kernel_pages == kernel, "nr_kernel_pages drifted"
+        stale = p.pb_dirty.copy()
+        p.pb_dirty[:] = True  # recompute every pageblock and compare with what was kept
+        kept_free, kept_mixed = p.pb_nfree.copy(), p.pb_mixed.copy()
+        p.refresh_pageblocks()
+        fresh = ~stale
+        assert np.array_equal(kept_free[fresh], p.pb_nfree[fresh]), "pageblock free counts drifted"
+        assert np.array_equal(kept_mixed[fresh], p.pb_mixed[fresh]), "mixed pageblocks drifted"
         assert not np.any(target), "migration target left isolated"
 
 

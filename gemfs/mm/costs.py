@@ -18,6 +18,7 @@ notifier design, the re-fault and re-pin on the next use. Nothing else is counte
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -154,4 +155,52 @@ class Ledger:
             "refusals": self.refusals,
             "repinned_pages": self.repinned_pages,
             "refaulted_pages": self.refaulted_pages,
+        }
+
+
+class LatencySketch:
+    """Percentiles of many latencies in bounded memory: a log-bucketed histogram.
+
+    Values fall into buckets whose bounds grow by ``1 + 2 * accuracy``; a percentile is
+    answered with its bucket's geometric middle, clamped to the exact minimum and maximum, so it
+    is within ``accuracy`` (relative) of the true value. Memory grows with the logarithm of the
+    value range, never with the count (a year of huge-page faults costs a few kB).
+    """
+
+    def __init__(self, accuracy: float = 0.01) -> None:
+        if not 0 < accuracy < 0.5:
+            raise ValueError("accuracy must be in (0, 0.5)")
+        self.gamma = (1 + accuracy) / (1 - accuracy)
+        self._log_gamma = math.log(self.gamma)
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+        self.min = math.inf
+        self.max = 0.0
+
+    def add(self, value: float) -> None:
+        v = max(value, 1e-9)
+        key = math.ceil(math.log(v) / self._log_gamma)
+        self.buckets[key] = self.buckets.get(key, 0) + 1
+        self.count += 1
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+
+    def quantile(self, q: float) -> float:
+        if self.count == 0:
+            return 0.0
+        rank = q * (self.count - 1)
+        seen = 0
+        for key in sorted(self.buckets):
+            seen += self.buckets[key]
+            if seen > rank:
+                mid = 2 * self.gamma**key / (self.gamma + 1)
+                return min(self.max, max(self.min, mid))
+        return self.max
+
+    def summary(self) -> dict[str, float]:
+        """{"p50", "p99", "max"} (0 when nothing was added)."""
+        return {
+            "p50": round(self.quantile(0.50), 3),
+            "p99": round(self.quantile(0.99), 3),
+            "max": round(self.max, 3),
         }

@@ -177,10 +177,26 @@ class PagePool:
         self.index = np.full(n, -1, dtype=np.int32)
         # Every pageblock starts MOVABLE, as on a freshly booted zone.
         self.pageblock_mt = np.full(self.nr_pageblocks, MigrateType.MOVABLE, dtype=np.uint8)
+        # Per-pageblock statistics kept up to date over the pageblocks that changed since they
+        # were last looked at (sampling costs O(change), not O(pool)): free frames, and whether
+        # the block holds allocations of another type than its own (a mixed pageblock).
+        self.pb_dirty = np.ones(self.nr_pageblocks, dtype=np.bool_)
+        self.pb_nfree = np.zeros(self.nr_pageblocks, dtype=np.int32)
+        self.pb_mixed = np.zeros(self.nr_pageblocks, dtype=np.bool_)
 
     @property
     def metadata_bytes(self) -> int:
-        arrays = (self.flags, self.order, self.pin, self.owner, self.index, self.pageblock_mt)
+        arrays = (
+            self.flags,
+            self.order,
+            self.pin,
+            self.owner,
+            self.index,
+            self.pageblock_mt,
+            self.pb_dirty,
+            self.pb_nfree,
+            self.pb_mixed,
+        )
         return sum(a.nbytes for a in arrays)
 
     @property
@@ -204,6 +220,27 @@ class PagePool:
 
     def set_pageblock_migratetype(self, pfn: int, mt: MigrateType) -> None:
         self.pageblock_mt[pfn >> PAGEBLOCK_ORDER] = mt
+        self.pb_dirty[pfn >> PAGEBLOCK_ORDER] = True
+
+    def touch(self, pfn: int, n: int = 1) -> None:
+        """Frames [pfn, pfn+n) changed state: their pageblocks' statistics are stale."""
+        self.pb_dirty[pfn >> PAGEBLOCK_ORDER : ((pfn + n - 1) >> PAGEBLOCK_ORDER) + 1] = True
+
+    def touch_pfns(self, pfns: npt.NDArray[np.int64]) -> None:
+        if len(pfns):
+            self.pb_dirty[pfns >> PAGEBLOCK_ORDER] = True
+
+    def refresh_pageblocks(self) -> None:
+        """Recompute the statistics of the pageblocks that changed (vectorized over them)."""
+        blocks = np.flatnonzero(self.pb_dirty)
+        if len(blocks) == 0:
+            return
+        fl = self.flags.reshape(self.nr_pageblocks, PAGEBLOCK_NR_PAGES)[blocks]
+        self.pb_nfree[blocks] = np.count_nonzero(fl & PG_FREE, axis=1)
+        alloc = (fl & PG_ALLOC) != 0
+        mt = (fl & PG_MT_MASK) >> PG_MT_SHIFT
+        self.pb_mixed[blocks] = (alloc & (mt != self.pageblock_mt[blocks][:, None])).any(axis=1)
+        self.pb_dirty[blocks] = False
 
     def close(self) -> None:
         """Release the mapping and the memfd (idempotent)."""
