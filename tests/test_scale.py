@@ -174,3 +174,47 @@ def test_a_thinned_timeline_keeps_the_time_weighted_mean(monkeypatch: pytest.Mon
     assert thin.timeline[-1].step == full.timeline[-1].step
     assert thin.record.order9_free_mean == full.record.order9_free_mean
     assert thin.record.fragmentation_score_peak == full.record.fragmentation_score_peak
+
+
+def test_a_1gib_allocation_fails_on_a_pinned_page_and_succeeds_once_unpinned() -> None:
+    """2 GiB: two 1 GiB ranges, each with a bound (pinned) GEM object in it; page cache fills
+    a good part of the first. Unpinning the first object lets its range be cleared."""
+    mm = MemoryManager("2GiB", design=Design.PINNED, content=False)
+    drv = InprocDriver(mm, Design.PINNED, MigrateType.MOVABLE)  # laid out in order
+    half = 1 << 18  # frames in 1 GiB
+    first = drv.create(16 * PAGE_SIZE)
+    cache = mm.create_object(100_000 * PAGE_SIZE, migratetype=MigrateType.MOVABLE)
+    filler = mm.create_object((half - 100_016) * PAGE_SIZE, migratetype=MigrateType.MOVABLE)
+    second = drv.create(16 * PAGE_SIZE)
+    mm.destroy_object(filler)
+    drv.execute([first, second], 0.0, True)  # bound: pinned, one in each range
+    assert mm.get(first.id).pages[0] < half <= mm.get(second.id).pages[0]
+    assert mm.allocate_huge(18) is None
+    assert mm.vmstat["contig_alloc_fail"] == 1
+    assert mm.ledger.refusals > 0  # it tried: the pinned pages refused to move
+    mm.release(drv, mm.get(first.id), 0, first.nr_pages)  # the first object's owner unpins
+    first.gtt[:] = -1
+    first.bound = False
+    pfn = mm.allocate_huge(18)
+    assert pfn == 0
+    assert mm.vmstat["contig_alloc_success"] == 1
+    assert np.all(mm.get(first.id).pages >= half)  # moved out of the range
+    assert np.all(cache.pages >= half)
+    assert mm.allocs.last_latency_us > mm.costs.copy_page_us * 100_000  # it paid the copies
+    assert drv.verify_all() == 0
+    mm.free_kernel(pfn)
+    mm.check()
+
+
+def test_probe_sizes_above_a_buddy_block_are_reported_per_size() -> None:
+    text = _workload(0.5, 40, 0.3, 5, 1, 9).replace(
+        '[[phase]]\nkind = "compact"',
+        '[[phase]]\nkind = "probe"\nsize = "16MiB"\ncount = 2\n\n[[phase]]\nkind = "compact"',
+    )
+    w = parse_workload(text, "sizes.toml")
+    r = play(w, InprocBackend(w, Design.SHMEM_HOOK), Design.SHMEM_HOOK).record
+    assert set(r.alloc_sizes) == {"2MiB", "16MiB"}
+    assert r.alloc_sizes["16MiB"]["order"] == 12
+    assert r.alloc_sizes["16MiB"]["attempts"] == 2
+    assert r.alloc_sizes["2MiB"]["attempts"] == 3
+    assert r.alloc["attempts"] == 5

@@ -22,7 +22,7 @@ import numpy as np
 import gemfs
 from gemfs.mm import OutOfMemory
 from gemfs.mm.costs import COST_SOURCES, LatencySketch
-from gemfs.mm.types import PAGE_SIZE, PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, Design
+from gemfs.mm.types import PAGE_SIZE, PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, Design, format_size
 from tools.backend import Backend, Handle, Sample
 from tools.inproc_backend import InprocBackend
 from tools.workload import (
@@ -158,6 +158,9 @@ class RunRecord:
     # The end-of-run "drain after idle" (a count = "all" probe): {"order", "blocks", "tried",
     # "stopped_at_failure"}; blocks = 0 and tried = 0 when the workload has none.
     drain: dict[str, Any] = field(default_factory=dict)
+    # Per allocation size while the workload runs ("2MiB", "16MiB", "1GiB", ...): {"order",
+    # "attempts", "successes", "latency_us": {"p50", "p99", "max"}}
+    alloc_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # {"gemfs_version", "cost_table": {name: value}, "workload_file"}
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -197,6 +200,8 @@ class Player:
         self.probes_ok = 0
         # High-order allocations while the workload runs (not the drain): modelled latency each.
         self.alloc_latency = LatencySketch()
+        # The same per allocation size (order): attempts, successes, latency sketch.
+        self.by_order: dict[int, tuple[list[int], LatencySketch]] = {}
         self.alloc_ok = 0
         self.alloc_compacted = 0
         self.recovered = 0  # huge pages that needed direct compaction to exist (run + drain)
@@ -374,6 +379,12 @@ class Player:
                         ok, latency_us, compacted = self.b.probe(phase.order)
                         if not drain:
                             self.alloc_latency.add(latency_us)
+                            counts, sketch = self.by_order.setdefault(
+                                phase.order, ([0, 0], LatencySketch())
+                            )
+                            counts[0] += 1
+                            counts[1] += ok
+                            sketch.add(latency_us)
                         if not ok:
                             if drain:
                                 break
@@ -472,6 +483,15 @@ class Player:
             vmstat=dict(vm),
             backend=getattr(self.b, "name", "inproc"),
             alloc=self._alloc_summary(),
+            alloc_sizes={
+                format_size(PAGE_SIZE << o): {
+                    "order": o,
+                    "attempts": c[0],
+                    "successes": c[1],
+                    "latency_us": sk.summary(),
+                }
+                for o, (c, sk) in sorted(self.by_order.items())
+            },
             order9_free_mean=round(self._order9_free_mean(), 3),
             costs=self._costs(end),
             efficiency=self._efficiency(end),

@@ -39,7 +39,9 @@ free           ``tag``; one of ``every`` (every Nth in creation order, from ``of
                ``fraction`` (random), ``count`` (the oldest N), ``all = true``
 noise          Kernel allocations of another migrate type. ``tag``; ``type`` (unmovable |
                reclaimable | movable); ``order``; ``count`` (allocations) or ``pages``
-probe          High-order allocations with direct compaction. ``order`` (default 9); ``count``
+probe          High-order allocations with direct compaction. ``order`` (default 9; above 10,
+               i.e. larger than a buddy block, the kernel's alloc_contig_range: up to 18 =
+               1 GiB) or ``size`` (``"16MiB"``, ``"1GiB"``: a power of two); ``count``
                (a number or "all": until one fails); ``repeat``; ``interval_ms``; ``hold``
                (keep the blocks until the next probe phase without hold)
 compact        Explicit compaction of the whole pool (``echo 1 > compact_memory``)
@@ -73,6 +75,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from gemfs.mm.contig import MAX_CONTIG_ORDER
 from gemfs.mm.costs import CostTable
 from gemfs.mm.pool import check_pool_size
 from gemfs.mm.types import MAX_ORDER, PAGE_SIZE, MigrateType, format_size, parse_size
@@ -662,7 +665,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "gpu": ("tag", "fraction", "count", "duration_ms", "access", "repeat", "interval_ms"),
     "free": ("tag", "every", "offset", "fraction", "count", "all"),
     "noise": ("tag", "type", "order", "count", "pages"),
-    "probe": ("order", "count", "repeat", "interval_ms", "hold"),
+    "probe": ("order", "size", "count", "repeat", "interval_ms", "hold"),
     "compact": (),
     "wait": ("ms",),
     "repeat": ("times", "do"),
@@ -752,9 +755,21 @@ def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Pha
                 raise t.error("count", f'count must be a number or "all", not {raw_count!r}')
             if raw_count != "all":
                 count_ = t.int_("count", 1, lo=1)
+            if t.has("size") and t.has("order"):
+                raise t.error("size", "give order or size, not both")
+            if t.has("size"):  # e.g. "2MiB", "16MiB", "1GiB": a power of two pages
+                nbytes = t.size("size")
+                pages = nbytes // PAGE_SIZE
+                if nbytes % PAGE_SIZE or pages & (pages - 1) or not 2 <= pages <= 1 << 18:
+                    raise t.error("size", "size must be a power of two from 8KiB to 1GiB")
+                order = pages.bit_length() - 1
+            else:
+                order = t.int_("order", 9, lo=1, hi=MAX_CONTIG_ORDER)
+            if 1 << order > pool // PAGE_SIZE:
+                raise t.error("size" if t.has("size") else "order", "larger than the pool")
             return Probe(
                 name=name,
-                order=t.int_("order", 9, lo=1, hi=MAX_ORDER),
+                order=order,
                 count=count_,
                 repeat=t.int_("repeat", 1, lo=1, hi=1_000_000),
                 interval_s=t.float_("interval_ms", 0.0, lo=0.0, hi=3_600_000.0) / 1000,

@@ -29,7 +29,8 @@ from gemfs.control.arrays import pack_i32, pack_i64
 from gemfs.control.peer import CallError, Credentials, Peer, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
 from gemfs.mm import CompactionPolicy, CompactResult, GemObject, MemoryManager, MigrateMode
-from gemfs.mm.core import MigrateOutcome, ObjectError
+from gemfs.mm.contig import MAX_CONTIG_ORDER, ContigPolicy
+from gemfs.mm.core import MigrateOutcome, ObjectError, Policy
 from gemfs.mm.costs import CostTable, Task
 from gemfs.mm.kcompactd import WakeSchedule
 from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migration
@@ -494,7 +495,8 @@ class ControlServer:
                 state.schedule = WakeSchedule(float(interval), mm.clock.now + float(interval))
                 return {"now": mm.clock.now}
             case "alloc" if role == "client":
-                order = _int(args, "order", 0, MAX_ORDER)
+                compact = bool(args.get("compact"))
+                order = _int(args, "order", 0, MAX_CONTIG_ORDER if compact else MAX_ORDER)
                 try:
                     mt = MigrateType.parse(str(args.get("mt", "unmovable")))
                 except ValueError as e:
@@ -688,7 +690,7 @@ class ControlServer:
         policy = CompactionPolicy(self.mm.pool.nr_pageblocks, order=order, mode=mode)
         return await self.run_policy(policy)
 
-    async def run_policy(self, policy: CompactionPolicy, task: Task | None = None) -> CompactResult:
+    async def run_policy(self, policy: Policy, task: Task | None = None) -> CompactResult:
         mm = self.mm
         task = task or Task(mm.clock.now)
         scanned = 0
@@ -730,10 +732,16 @@ class ControlServer:
         stalls = mm.vmstat["compact_stall"]
         compacted = mm.allocs.compacted
         pfn: int | None = None
+        moved: bool | None = None
         try:
-            pfn = await self.alloc_high_order(order, mt, task)
+            if order > MAX_ORDER:  # larger than a buddy block: alloc_contig_pages
+                policy = ContigPolicy(mm.pool.nr_pages, order)
+                pfn = mm.alloc_contig(policy, await self.run_policy(policy, task))
+                moved = policy.stats.migrated > 0
+            else:
+                pfn = await self.alloc_high_order(order, mt, task)
         finally:
-            latency = mm.end_alloc(task, pfn, stalls)
+            latency = mm.end_alloc(task, pfn, stalls, moved)
         return pfn, latency, mm.allocs.compacted > compacted
 
     async def advance_to(self, to: float) -> None:

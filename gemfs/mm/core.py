@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gemfs.mm.buddy import BuddyAllocator
-from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, CompactStats
+from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, CompactStats, PoolView
+from gemfs.mm.contig import ContigPolicy
 from gemfs.mm.costs import Clock, CostTable, LatencySketch, Ledger, Task
 from gemfs.mm.migrate import Answer, Ask, Migrated, Migration
 from gemfs.mm.objects import GemObject
@@ -34,6 +35,7 @@ from gemfs.mm.pool import (
     PagePool,
 )
 from gemfs.mm.types import (
+    MAX_ORDER,
     NR_MIGRATETYPES,
     NR_ORDERS,
     PAGE_SIZE,
@@ -98,6 +100,19 @@ class MigrateOutcome:
     success: int
     eagain: int
     permanent: int
+
+
+class Policy(Protocol):
+    """What the mechanism drives: compaction (CompactionPolicy) or clearing a contiguous range
+    (ContigPolicy). It proposes batches of (source, target) frames and is told the results."""
+
+    mode: MigrateMode
+    result: CompactResult
+    stats: CompactStats
+
+    def next_batch(self, view: PoolView) -> Batch | None: ...
+
+    def batch_done(self, batch: Batch, results: npt.NDArray[np.int32]) -> None: ...
 
 
 class SyncOwner(Owner, Protocol):
@@ -629,13 +644,13 @@ class MemoryManager:
     def pageblock_mt(self) -> npt.NDArray[np.uint8]:
         return self.pool.pageblock_mt
 
-    def run_policy(self, policy: CompactionPolicy, task: Task | None = None) -> CompactResult:
+    def run_policy(self, policy: Policy, task: Task | None = None) -> CompactResult:
         """Drive a compaction policy against this pool's own mechanism (in-process)."""
         for _ in self.iter_policy(policy, task):
             pass
         return policy.result
 
-    def iter_policy(self, policy: CompactionPolicy, task: Task | None = None) -> Iterator[Batch]:
+    def iter_policy(self, policy: Policy, task: Task | None = None) -> Iterator[Batch]:
         """Like run_policy, yielding after each batch so an event loop can interleave.
 
         Costs (scanning, migration, waits) go to ``task``: the allocating task inside a
@@ -716,9 +731,12 @@ class MemoryManager:
         self._task = task
         return task
 
-    def end_alloc(self, task: Task, pfn: int | None, compacted_before: int) -> float:
+    def end_alloc(
+        self, task: Task, pfn: int | None, compacted_before: int, moved: bool | None = None
+    ) -> float:
         """Finish timing: record the attempt and its modelled latency (µs); the clock moves on
-        by what the allocating task waited. ``compacted_before``: compact_stall before."""
+        by what the allocating task waited. ``compacted_before``: compact_stall before;
+        ``moved``: for a contiguous range, whether pages had to be moved out of it."""
         self._task = None
         a = self.allocs
         a.attempts += 1
@@ -727,7 +745,7 @@ class MemoryManager:
         a.last_latency_us = us
         if pfn is not None:
             a.successes += 1
-            if self.vmstat["compact_stall"] > compacted_before:
+            if moved if moved is not None else self.vmstat["compact_stall"] > compacted_before:
                 a.compacted += 1
         self.clock.advance_to(task.t + self.costs.alloc_fast_us / 1e6)
         return us
@@ -737,11 +755,38 @@ class MemoryManager:
         task = self.begin_alloc()
         stalls = self.vmstat["compact_stall"]
         pfn: int | None = None
+        moved: bool | None = None
         try:
-            pfn = self.alloc_high_order(order, mt)
+            if order > MAX_ORDER:  # larger than a buddy block: alloc_contig_pages
+                policy = ContigPolicy(self.pool.nr_pages, order)
+                pfn = self.alloc_contig(policy, self.run_policy(policy, task))
+                moved = policy.stats.migrated > 0
+            else:
+                pfn = self.alloc_high_order(order, mt)
         finally:
-            self.end_alloc(task, pfn, stalls)
+            self.end_alloc(task, pfn, stalls, moved)
         return pfn
+
+    def alloc_contig(self, policy: ContigPolicy, result: CompactResult) -> int | None:
+        """Take the range a :class:`ContigPolicy` cleared (None if it found none, or the range
+        is no longer all free): a kernel allocation of ``2**order`` frames."""
+        v = self.vmstat
+        start, n = policy.start, policy.size
+        fl = self.pool.flags[start : start + n] if start >= 0 else None
+        if result is not CompactResult.SUCCESS or fl is None or not np.all(fl & PG_FREE):
+            v.inc("contig_alloc_fail")
+            return None
+        pfns = np.arange(start, start + n, dtype=np.int64)
+        self.buddy.isolate_free(pfns)
+        p = self.pool
+        p.flags[start : start + n] = PG_ALLOC | (int(MigrateType.MOVABLE) << PG_MT_SHIFT)
+        p.owner[start : start + n] = OWNER_KERNEL
+        p.touch(start, n)
+        self.kernel_pages[start] = policy.order
+        self.nr_kernel_pages += n
+        v.inc("pgalloc", n)
+        v.inc("contig_alloc_success")
+        return start
 
     # -- statistics -------------------------------------------------------------------------
     def fragmentation_score(self) -> int:
