@@ -38,6 +38,7 @@ class DriverObject:
     checksum: int = 0  # crc32 of the content the driver knows the object holds
     busy_until: float = 0.0  # clock time the last batch on this object completes
     bound: bool = False  # pages pinned and GTT valid (except entries dropped by invalidate)
+    mapped: bool = False  # every GTT entry valid (an invalidation clears it)
     generation: int = 0  # GPU writes so far
     invalidations: int = 0  # notifier invalidations so far (a pin reply older than one is stale)
 
@@ -97,7 +98,7 @@ class GemDriver:
 
     # -- binding ----------------------------------------------------------------------------
     def needs_bind(self, o: DriverObject) -> bool:
-        return not o.bound or bool(np.any(o.gtt < 0))
+        return not (o.bound and o.mapped)
 
     def bind(self, o: DriverObject, pfns: I64) -> None:
         """The core pinned the pages; these are their frames (i915_gem_object_pin_pages)."""
@@ -107,12 +108,14 @@ class GemDriver:
             self.stats.refaults += 1
         o.gtt = np.asarray(pfns, dtype=np.int64).copy()
         o.bound = True
+        o.mapped = bool(np.all(o.gtt >= 0))
 
     def unbind(self, o: DriverObject) -> I64:
         """Drop the GTT; return the frames whose pins the caller must release."""
         held = o.gtt[o.gtt >= 0].copy()
         o.gtt[:] = -1
         o.bound = False
+        o.mapped = False
         return held
 
     # -- the GPU ----------------------------------------------------------------------------
@@ -196,6 +199,8 @@ class GemDriver:
         seg = o.gtt[start : start + count]
         held = seg[seg >= 0].copy()
         seg[:] = -1
+        if len(seg):
+            o.mapped = False
         o.invalidations += 1
         self.stats.invalidations += 1
         return held

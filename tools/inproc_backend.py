@@ -37,6 +37,7 @@ class InprocBackend:
         costs = CostTable.from_mapping(dict(workload.costs))
         self.mm = MemoryManager(workload.pool, design=design, costs=costs, content=content)
         self.clock = self.mm.clock
+        self._cost_table = self.mm.costs.to_json()
         self.driver = InprocDriver(self.mm, design, workload.gem_migratetype)
         c = workload.compactor
         self.mm.compaction_proactiveness = c.proactiveness
@@ -163,7 +164,7 @@ class InprocBackend:
             "callback_p99_us": 0.0,
             "gpu": gpu,
             "costs": mm.ledger.to_json(),
-            "cost_table": mm.costs.to_json(),
+            "cost_table": self._cost_table,
             "pageblock_mixed": mm.mixed_pageblock_indices().tolist() if full else [],
         }
 
