@@ -63,3 +63,25 @@ def bench_migrate_cmd(pages: int, batch: int) -> None:
     click.echo(f"{'callback round trip, batched, p99':<42} {f.p99_us:>12,.0f} us")
     click.echo(f"{'baseline: in-process, batched':<42} {f.inproc_pages_s:>12,.0f} pages/s")
     click.echo(f"{'ratio socket / in-process':<42} {f.batched_pages_s / f.inproc_pages_s:>12.2f}")
+
+
+@bench.command("scale")
+@click.option(
+    "--sizes",
+    default="1GiB,4GiB,16GiB,64GiB,128GiB",
+    show_default=True,
+    help="Comma-separated pool sizes (content-free model, each in a fresh process).",
+)
+def bench_scale_cmd(sizes: str) -> None:
+    """RSS, bytes per frame, time per sample, per GPU batch and per direct-compaction attempt,
+    for content-free pools of each size, with ratios to the first.
+
+    Example: gemfs bench scale --sizes 1GiB,16GiB"""
+    from tools.bench_scale import bench_scale, format_scale
+
+    chosen = tuple(s.strip() for s in sizes.split(",") if s.strip())
+    try:
+        rows = bench_scale(chosen)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--sizes") from None
+    click.echo(format_scale(rows))

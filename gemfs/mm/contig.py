@@ -40,7 +40,7 @@ class ContigPolicy:
     stats: CompactStats = field(default_factory=CompactStats)
     start: int = -1  # the range being cleared (its first frame), then the one that was cleared
     ranges_tried: int = 0
-    _next_range: int = 0
+    _queue: list[int] | None = None  # candidate ranges left to try
     _todo: I64 = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     _failed: bool = False
     _free_block: int = -1  # the free scanner's next pageblock (walking down)
@@ -56,18 +56,30 @@ class ContigPolicy:
             self.result = CompactResult.COMPLETE  # no range that large in this pool
 
     # -- ranges ---------------------------------------------------------------------------
+    def _candidates(self, view: PoolView) -> I64:
+        """Range starts whose pages could all be moved (pfn_range_valid_contig), in pfn order:
+        no kernel (unmovable) allocation, no migration under way. One vectorized look at the
+        pool per allocation; the ranges then tried are scanned again, page by page."""
+        n = self.nr_pages // self.size
+        fl = view.flags[: n * self.size].reshape(n, self.size)
+        used = (fl & PG_ALLOC) != 0
+        movable = (fl & (PG_ALLOC | PG_OBJECT)) == (PG_ALLOC | PG_OBJECT)
+        bad = (used & ~movable).any(axis=1) | ((fl & (PG_TARGET | PG_ISOLATED)) != 0).any(axis=1)
+        return (np.flatnonzero(~bad) * self.size).astype(np.int64)
+
     def _open_next_range(self, view: PoolView) -> bool:
-        """Move on to the next aligned range whose pages could all be moved; False at the end."""
+        """Move on to the next range whose pages could all be moved; False at the end."""
+        if self._queue is None:
+            self._queue = self._candidates(view).tolist()
         flags = view.flags
-        while self._next_range + self.size <= self.nr_pages:
-            s = self._next_range
-            self._next_range += self.size
+        while self._queue:
+            s = self._queue.pop(0)
             fl = flags[s : s + self.size]
             self.stats.migrate_scanned += self.size
             used = (fl & PG_ALLOC) != 0
             movable = (fl & (PG_ALLOC | PG_OBJECT)) == (PG_ALLOC | PG_OBJECT)
             if np.any(used & ~movable) or np.any(fl & (PG_TARGET | PG_ISOLATED)):
-                continue  # kernel memory (unmovable) or a migration under way: not this one
+                continue  # changed since the first look
             self.start = s
             self.ranges_tried += 1
             self._todo = (np.flatnonzero(movable) + s).astype(np.int64)
