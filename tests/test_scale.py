@@ -218,3 +218,18 @@ def test_probe_sizes_above_a_buddy_block_are_reported_per_size() -> None:
     assert r.alloc_sizes["16MiB"]["attempts"] == 2
     assert r.alloc_sizes["2MiB"]["attempts"] == 3
     assert r.alloc["attempts"] == 5
+
+
+def test_the_report_shows_each_allocation_size() -> None:
+    from tools.report import table_rows
+
+    text = _workload(0.5, 40, 0.3, 5, 1, 9).replace(
+        '[[phase]]\nkind = "compact"',
+        '[[phase]]\nkind = "probe"\nsize = "16MiB"\ncount = 2\n\n[[phase]]\nkind = "compact"',
+    )
+    w = parse_workload(text, "sizes.toml")
+    recs = [play(w, InprocBackend(w, d), d).record for d in (Design.PINNED, Design.GEMFS)]
+    rows = {r.label: r for r in table_rows(recs)}
+    assert [c.text(False) for c in rows["16MiB: tried"].cells] == ["2", "2"]
+    got = [recs[0].alloc_sizes["16MiB"]["successes"], recs[1].alloc_sizes["16MiB"]["successes"]]
+    assert [c.text(False) for c in rows["16MiB: succeeded"].cells] == [str(g) for g in got]

@@ -285,6 +285,30 @@ class TableRow:
     heading: bool = False
 
 
+def _size_value(name: str, *keys: str) -> Callable[[RunRecord], Value]:
+    def value(r: RunRecord) -> Value:
+        return _get(r.alloc_sizes.get(name, {}), *keys)
+
+    return value
+
+
+def size_section(records: Sequence[RunRecord]) -> Section | None:
+    """Allocations per size when a workload asks for more than one (e.g. 2 MiB and 16 MiB):
+    successes, tries and latency of each, while the workload runs."""
+    sizes: dict[str, int] = {}
+    for r in records:
+        for name, d in r.alloc_sizes.items():
+            sizes[name] = int(d.get("order", 0))
+    if len(sizes) < 2:
+        return None
+    metrics: list[Metric] = []
+    for name in sorted(sizes, key=lambda k: sizes[k]):
+        metrics.append(Metric(f"{name}: succeeded", _size_value(name, "successes")))
+        metrics.append(Metric(f"{name}: tried", _size_value(name, "attempts")))
+        metrics.append(Metric(f"{name}: latency p99 (µs)", _size_value(name, "latency_us", "p99")))
+    return Section("benefit by allocation size", tuple(metrics))
+
+
 def table_rows(
     records: Sequence[RunRecord], sections: Sequence[Section] = SECTIONS
 ) -> list[TableRow]:
@@ -292,6 +316,10 @@ def table_rows(
     (aggregated across that design's seeds)."""
     groups = list(by_design(records).values())
     rows: list[TableRow] = []
+    if sections is SECTIONS:
+        extra = size_section(records)
+        if extra is not None:
+            sections = (*SECTIONS[:1], extra, *SECTIONS[1:])
     for section in sections:
         rows.append(TableRow(section.title, [Cell(()) for _ in groups], heading=True))
         for m in section.metrics:
