@@ -29,6 +29,7 @@ from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, er
 from gemfs.mm import CompactionPolicy, CompactResult, GemObject, MemoryManager, MigrateMode
 from gemfs.mm.core import MigrateOutcome, MigrationBatch, MigrationRequest
 from gemfs.mm.ops import SHMEM_OPS, MigrationCore, Results
+from gemfs.mm.page_alloc import alloc_pages_slowpath
 from gemfs.mm.pool import I64, Bools
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
 from gemfs.mm.vmstat import VMSTAT_COUNTERS
@@ -753,21 +754,19 @@ class ControlServer:
         mm.vmstat.inc("compact_free_scanned", policy.stats.free_scanned)
         return policy.result
 
-    async def alloc_high_order(self, order: int, mt: MigrateType) -> int | None:
-        mm = self.mm
+    async def alloc_high_order(
+        self, order: int, mt: MigrateType, *, kind: str = "thp"
+    ) -> int | None:
+        """The allocator's slow path (gemfs.mm.page_alloc), its compactions run through the
+        owners' callbacks."""
+        slow = alloc_pages_slowpath(self.mm, order, mt, kind)
         try:
-            return mm.alloc_kernel(order, mt)
-        except OutOfMemory:
-            pass
-        mm.vmstat.inc("compact_stall")
-        await self.compact(order, MigrateMode.SYNC_LIGHT)
-        try:
-            pfn = mm.alloc_kernel(order, mt)
-        except OutOfMemory:
-            mm.vmstat.inc("compact_fail")
-            return None
-        mm.vmstat.inc("compact_success")
-        return pfn
+            policy = next(slow)
+            while True:
+                policy = slow.send(await self.run_policy(policy))
+        except StopIteration as done:
+            pfn: int | None = done.value
+            return pfn
 
     async def aclose_peers(self) -> None:
         """Shutdown: disconnect every peer cleanly (they see EOF)."""

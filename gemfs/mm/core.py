@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from gemfs.mm import page_alloc
 from gemfs.mm.buddy import BuddyAllocator
-from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, CompactStats
+from gemfs.mm.compaction import (
+    Batch,
+    CompactionPolicy,
+    CompactResult,
+    CompactStats,
+    ZoneCompactState,
+)
 from gemfs.mm.objects import GemObject
 from gemfs.mm.ops import SHMEM_OPS, AddressSpaceOps, Results
 from gemfs.mm.pool import (
@@ -110,6 +117,7 @@ class MemoryManager:
         self.extfrag_threshold = 500
         self.callback_latency_us: list[float] = []
         self.kernel_pages: dict[int, int] = {}  # pfn -> order of kernel (non-object) blocks
+        self.compact_state = ZoneCompactState(self.pool.nr_pageblocks)
 
     def close(self) -> None:
         self.pool.close()
@@ -569,8 +577,14 @@ class MemoryManager:
         self.vmstat.inc("compact_free_scanned", stats.free_scanned)
 
     def compact(self, order: int = -1, mode: MigrateMode = MigrateMode.SYNC) -> CompactResult:
-        """compact_memory (order -1, whole pool) or compaction for one order."""
-        policy = CompactionPolicy(self.pool.nr_pageblocks, order=order, mode=mode)
+        """compact_memory (order -1, whole pool) or compaction for one order.
+
+        compact_memory is compact_node(): the whole zone, skip hints ignored (it still sets them
+        and moves the cached scanners, as the kernel's does)."""
+        state = self.compact_state if order < 0 else None
+        policy = CompactionPolicy(
+            self.pool.nr_pageblocks, order=order, mode=mode, state=state, ignore_skip_hint=True
+        )
         if order >= 0:
             self.vmstat.inc("compact_stall")
         result = self.run_policy(policy)
@@ -592,17 +606,12 @@ class MemoryManager:
             self.pool.nr_pageblocks, mode=MigrateMode.SYNC_LIGHT, proactiveness=p
         )
 
-    def alloc_high_order(self, order: int, mt: MigrateType = MigrateType.MOVABLE) -> int | None:
-        """A high-order allocation with direct compaction on failure; None when it fails."""
-        try:
-            return self.alloc_kernel(order, mt)
-        except OutOfMemory:
-            pass
-        self.compact(order, MigrateMode.SYNC_LIGHT)
-        try:
-            return self.alloc_kernel(order, mt)
-        except OutOfMemory:
-            return None
+    def alloc_high_order(
+        self, order: int, mt: MigrateType = MigrateType.MOVABLE, *, kind: str = "thp"
+    ) -> int | None:
+        """A high-order allocation through the slow path (direct compaction as the kernel's
+        allocator does it for ``kind``: thp, hugetlb or kernel); None when it fails."""
+        return page_alloc.drive(self, page_alloc.alloc_pages_slowpath(self, order, mt, kind))
 
     # -- statistics -------------------------------------------------------------------------
     def fragmentation_score(self) -> int:
