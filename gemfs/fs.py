@@ -212,6 +212,7 @@ class GemFS(pyfuse3.Operations):
             ProcFile("vmstat", 0o444, show=mm.vmstat_text),
             ProcFile("extfrag_index", 0o444, show=mm.extfrag_index),
             ProcFile("unusable_index", 0o444, show=mm.unusable_index),
+            ProcFile("compaction_state", 0o444, show=mm.compact_state.format),
             ProcFile("objects", 0o444, show=lambda: procfs.format_objects(mm)),
             ProcFile("pool", 0o444, show=lambda: procfs.format_pool(mm, self.pool_info)),
             ProcFile("compact_memory", 0o200, store=store_compact_memory),

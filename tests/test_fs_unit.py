@@ -296,6 +296,9 @@ async def test_gemfs_stats_files_agree_with_model(fs: GemFS, mm: MemoryManager) 
     assert vm["nr_gem_pages"] == 5
     assert len(parse_index(await read_proc(fs, "extfrag_index"))) == 11
     assert parse_index(await read_proc(fs, "unusable_index"))[0] == 0.0
+    state = parse_vmstat(await read_proc(fs, "compaction_state"))
+    assert state["compact_defer_shift"] == 0
+    assert state["compact_cached_free_pfn"] == (mm.pool.nr_pageblocks - 1) * 512
     objs = procfs.parse_objects(await read_proc(fs, "objects"))
     assert [(o.path, o.pages, o.pinned, o.migratetype) for o in objs] == [
         ("/obj with\ttab", 5, 0, "movable")

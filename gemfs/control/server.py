@@ -34,6 +34,7 @@ from gemfs.mm.core import MigrateOutcome, ObjectError, Policy
 from gemfs.mm.costs import CostTable, Task
 from gemfs.mm.kcompactd import WakeSchedule
 from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migration
+from gemfs.mm.page_alloc import alloc_pages_slowpath
 from gemfs.mm.pool import I64
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
 from gemfs.mm.vmstat import VMSTAT_COUNTERS
@@ -705,25 +706,18 @@ class ControlServer:
         return policy.result
 
     async def alloc_high_order(
-        self, order: int, mt: MigrateType, task: Task | None = None
+        self, order: int, mt: MigrateType, task: Task | None = None, *, kind: str = "thp"
     ) -> int | None:
-        mm = self.mm
+        """The allocator's slow path (gemfs.mm.page_alloc), its compactions run through the
+        owners' callbacks and charged to ``task``."""
+        slow = alloc_pages_slowpath(self.mm, order, mt, kind)
         try:
-            return mm.alloc_kernel(order, mt)
-        except OutOfMemory:
-            pass
-        mm.vmstat.inc("compact_stall")
-        await self.run_policy(
-            CompactionPolicy(mm.pool.nr_pageblocks, order=order, mode=MigrateMode.SYNC_LIGHT),
-            task,
-        )
-        try:
-            pfn = mm.alloc_kernel(order, mt)
-        except OutOfMemory:
-            mm.vmstat.inc("compact_fail")
-            return None
-        mm.vmstat.inc("compact_success")
-        return pfn
+            policy = next(slow)
+            while True:
+                policy = slow.send(await self.run_policy(policy, task))
+        except StopIteration as done:
+            pfn: int | None = done.value
+            return pfn
 
     async def allocate_huge(self, order: int, mt: MigrateType) -> tuple[int | None, float, bool]:
         """A high-order allocation as a task sees it: (pfn or None, modelled µs, compacted)."""

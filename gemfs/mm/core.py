@@ -14,8 +14,16 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from gemfs.mm import page_alloc
 from gemfs.mm.buddy import BuddyAllocator
-from gemfs.mm.compaction import Batch, CompactionPolicy, CompactResult, CompactStats, PoolView
+from gemfs.mm.compaction import (
+    Batch,
+    CompactionPolicy,
+    CompactResult,
+    CompactStats,
+    PoolView,
+    ZoneCompactState,
+)
 from gemfs.mm.contig import ContigPolicy
 from gemfs.mm.costs import Clock, CostTable, LatencySketch, Ledger, Task
 from gemfs.mm.migrate import Answer, Ask, Migrated, Migration
@@ -165,6 +173,7 @@ class MemoryManager:
         self.nr_gem_pages = 0
         self.nr_gem_pinned = 0
         self.nr_kernel_pages = 0
+        self.compact_state = ZoneCompactState(self.pool.nr_pageblocks)
 
     def close(self) -> None:
         self.pool.close()
@@ -690,8 +699,14 @@ class MemoryManager:
         self.vmstat.inc("compact_free_scanned", stats.free_scanned)
 
     def compact(self, order: int = -1, mode: MigrateMode = MigrateMode.SYNC) -> CompactResult:
-        """compact_memory (order -1, whole pool) or compaction for one order."""
-        policy = CompactionPolicy(self.pool.nr_pageblocks, order=order, mode=mode)
+        """compact_memory (order -1, whole pool) or compaction for one order.
+
+        compact_memory is compact_node(): the whole zone, skip hints ignored (it still sets them
+        and moves the cached scanners, as the kernel's does)."""
+        state = self.compact_state if order < 0 else None
+        policy = CompactionPolicy(
+            self.pool.nr_pageblocks, order=order, mode=mode, state=state, ignore_skip_hint=True
+        )
         if order >= 0:
             self.vmstat.inc("compact_stall")
         result = self.run_policy(policy)
@@ -713,17 +728,12 @@ class MemoryManager:
             self.pool.nr_pageblocks, mode=MigrateMode.SYNC_LIGHT, proactiveness=p
         )
 
-    def alloc_high_order(self, order: int, mt: MigrateType = MigrateType.MOVABLE) -> int | None:
-        """A high-order allocation with direct compaction on failure; None when it fails."""
-        try:
-            return self.alloc_kernel(order, mt)
-        except OutOfMemory:
-            pass
-        self.compact(order, MigrateMode.SYNC_LIGHT)
-        try:
-            return self.alloc_kernel(order, mt)
-        except OutOfMemory:
-            return None
+    def alloc_high_order(
+        self, order: int, mt: MigrateType = MigrateType.MOVABLE, *, kind: str = "thp"
+    ) -> int | None:
+        """A high-order allocation through the slow path (direct compaction as the kernel's
+        allocator does it for ``kind``: thp, hugetlb or kernel); None when it fails."""
+        return page_alloc.drive(self, page_alloc.alloc_pages_slowpath(self, order, mt, kind))
 
     def begin_alloc(self) -> Task:
         """Start timing a high-order allocation: direct compaction inside it charges this task."""

@@ -33,6 +33,10 @@ VMSTAT_COUNTERS = (
     "compact_daemon_migrate_scanned",
     "compact_daemon_free_scanned",
     "proactive_compact_trigger",
+    "thp_fault_alloc",  # a THP-fault-like allocation (alloc_high_order kind "thp") succeeded
+    "thp_fault_fallback",  # ... failed: the fault would fall back to small pages
+    "htlb_buddy_alloc_success",  # a hugetlb (nr_hugepages) allocation from the buddy
+    "htlb_buddy_alloc_fail",
     "alloc_fallback",
     "pageblock_steal",
     "gem_migrate_callbacks",
