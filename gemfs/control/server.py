@@ -729,7 +729,7 @@ class ControlServer:
         moved: bool | None = None
         try:
             if order > MAX_ORDER:  # larger than a buddy block: alloc_contig_pages
-                policy = ContigPolicy(mm.pool.nr_pages, order)
+                policy = ContigPolicy(mm.pool.nr_pages, order, unaskable=mm.unaskable_pins())
                 pfn = mm.alloc_contig(policy, await self.run_policy(policy, task))
                 moved = policy.stats.migrated > 0
             else:

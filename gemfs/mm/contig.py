@@ -36,6 +36,12 @@ class ContigPolicy:
     nr_pages: int
     order: int
     mode: MigrateMode = MigrateMode.SYNC
+    # Frames pinned by nobody the mechanism could ask (no owner, or one that never lets go):
+    # a range holding one fails. The kernel finds that out by migrating the range's other
+    # pages first and then failing with -EBUSY; the model skips such a range after scanning
+    # it (the pages the kernel would move in vain are not moved: a cost it leaves out).
+    unaskable: I64 = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    ranges_hopeless: int = 0
     result: CompactResult = CompactResult.CONTINUE
     stats: CompactStats = field(default_factory=CompactStats)
     start: int = -1  # the range being cleared (its first frame), then the one that was cleared
@@ -43,7 +49,7 @@ class ContigPolicy:
     _queue: list[int] | None = None  # candidate ranges left to try
     _todo: I64 = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     _failed: bool = False
-    _free_block: int = -1  # the free scanner's next pageblock (walking down)
+    _free_block: int = -2  # the free scanner's next pageblock (walking down; -2: not started)
     _targets: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,7 +71,12 @@ class ContigPolicy:
         used = (fl & PG_ALLOC) != 0
         movable = (fl & (PG_ALLOC | PG_OBJECT)) == (PG_ALLOC | PG_OBJECT)
         bad = (used & ~movable).any(axis=1) | ((fl & (PG_TARGET | PG_ISOLATED)) != 0).any(axis=1)
-        return (np.flatnonzero(~bad) * self.size).astype(np.int64)
+        hopeless = np.zeros(n, dtype=np.bool_)
+        pinned = self.unaskable[self.unaskable < n * self.size]
+        hopeless[pinned // self.size] = True
+        self.ranges_hopeless = int(np.count_nonzero(hopeless & ~bad))
+        self.stats.migrate_scanned += self.ranges_hopeless * self.size
+        return (np.flatnonzero(~bad & ~hopeless) * self.size).astype(np.int64)
 
     def _open_next_range(self, view: PoolView) -> bool:
         """Move on to the next range whose pages could all be moved; False at the end."""
@@ -84,8 +95,8 @@ class ContigPolicy:
             self.ranges_tried += 1
             self._todo = (np.flatnonzero(movable) + s).astype(np.int64)
             self._failed = False
-            self._targets.clear()
-            self._free_block = self.nr_pages // PAGEBLOCK_NR_PAGES - 1
+            if self._free_block == -2:  # one free scanner for all the ranges tried
+                self._free_block = self.nr_pages // PAGEBLOCK_NR_PAGES - 1
             return True
         return False
 
@@ -96,8 +107,11 @@ class ContigPolicy:
         flags = view.flags
         lo_block = self.start // PAGEBLOCK_NR_PAGES
         hi_block = (self.start + self.size) // PAGEBLOCK_NR_PAGES
+        lo, hi = self.start, self.start + self.size
         self._targets = [
-            t for t in self._targets if flags[t] & PG_FREE and not flags[t] & PG_TARGET
+            t
+            for t in self._targets
+            if flags[t] & PG_FREE and not flags[t] & PG_TARGET and not lo <= t < hi
         ]
         while len(self._targets) < need and self._free_block >= 0:
             b = self._free_block

@@ -768,7 +768,7 @@ class MemoryManager:
         moved: bool | None = None
         try:
             if order > MAX_ORDER:  # larger than a buddy block: alloc_contig_pages
-                policy = ContigPolicy(self.pool.nr_pages, order)
+                policy = ContigPolicy(self.pool.nr_pages, order, unaskable=self.unaskable_pins())
                 pfn = self.alloc_contig(policy, self.run_policy(policy, task))
                 moved = policy.stats.migrated > 0
             else:
@@ -777,10 +777,25 @@ class MemoryManager:
             self.end_alloc(task, pfn, stalls, moved)
         return pfn
 
+    def unaskable_pins(self) -> I64:
+        """Frames pinned with nobody to ask to let go (no owner registered for the object)."""
+        p = self.pool
+        pinned = np.flatnonzero(p.pin).astype(np.int64)
+        if len(pinned) == 0:
+            return pinned
+        owners = p.owner[pinned]
+        keep = np.ones(len(pinned), dtype=np.bool_)
+        for oid in np.unique(owners).tolist():
+            obj = self.objects.get(ObjId(oid))
+            if obj is not None and self.owner_of(obj)[0] is not None:
+                keep[owners == oid] = False  # its owner may unpin on request
+        return pinned[keep]
+
     def alloc_contig(self, policy: ContigPolicy, result: CompactResult) -> int | None:
         """Take the range a :class:`ContigPolicy` cleared (None if it found none, or the range
         is no longer all free): a kernel allocation of ``2**order`` frames."""
         v = self.vmstat
+        v.inc("contig_range_hopeless", policy.ranges_hopeless)
         start, n = policy.start, policy.size
         fl = self.pool.flags[start : start + n] if start >= 0 else None
         if result is not CompactResult.SUCCESS or fl is None or not np.all(fl & PG_FREE):
