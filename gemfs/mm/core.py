@@ -783,12 +783,13 @@ class MemoryManager:
         pinned = np.flatnonzero(p.pin).astype(np.int64)
         if len(pinned) == 0:
             return pinned
-        owners = p.owner[pinned]
+        owners = p.owner[pinned].astype(np.int64)
+        askable = np.zeros(self._next_id + 1, dtype=np.bool_)  # by object id
+        for oid, obj in self.objects.items():
+            askable[oid] = self.owner_of(obj)[0] is not None  # its owner may unpin on request
+        ok = (owners > 0) & (owners < len(askable))
         keep = np.ones(len(pinned), dtype=np.bool_)
-        for oid in np.unique(owners).tolist():
-            obj = self.objects.get(ObjId(oid))
-            if obj is not None and self.owner_of(obj)[0] is not None:
-                keep[owners == oid] = False  # its owner may unpin on request
+        keep[ok] = ~askable[owners[ok]]
         return pinned[keep]
 
     def alloc_contig(self, policy: ContigPolicy, result: CompactResult) -> int | None:
