@@ -43,8 +43,7 @@ class InprocDriver:
 
     # -- ioctls -----------------------------------------------------------------------------
     def create(self, size: int, path: str = "") -> DriverObject:
-        obj = self.mm.create_object(size, migratetype=self.migratetype, path=path)
-        obj.private = True
+        obj = self.mm.create_object(size, migratetype=self.migratetype, path=path, private=True)
         obj.owner_tag = self.name
         content = checksum_frames(self.mm.pool.frames, obj.pages[: obj.nr_pages])
         o = self.gem.add_object(obj.id, obj.nr_pages, content)

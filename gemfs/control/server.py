@@ -331,12 +331,21 @@ class ControlServer:
                         mt = MigrateType.parse(str(args["mt"]))
                     except ValueError as e:
                         raise _err(errno.EINVAL, str(e)) from None
+                # A driver's object is private before it gets pages (TTM allocates those).
+                later = mt is not None or role == "driver"
                 try:
-                    obj = self.kernel.create_file(path, 0 if mt else size, c.uid, c.gid, 0o644)
+                    obj = self.kernel.create_file(path, 0 if later else size, c.uid, c.gid, 0o644)
+                    obj.private = role == "driver"
                     if mt is not None:  # e.g. a page-cache file that is not GEM memory
                         obj.migratetype = mt
-                        mm.truncate(obj, size)
-                        mm.populate(obj, 0, obj.nr_pages)
+                    if later:
+                        try:
+                            mm.truncate(obj, size)
+                            mm.populate(obj, 0, obj.nr_pages)
+                        except OutOfMemory:  # as create_object: no file is left behind
+                            mm.truncate(obj, 0)
+                            self.kernel.unlink(path)
+                            raise
                 except OutOfMemory as e:
                     raise _err(errno.ENOSPC, str(e)) from None
                 except ObjectError as e:  # EEXIST, ENOENT, ENOTDIR, ENAMETOOLONG, EACCES, ...
@@ -345,7 +354,6 @@ class ControlServer:
                     raise _err(e.errno or errno.EIO, str(e)) from None
                 state.owned.add(obj.id)
                 obj.owner_tag = peer.name
-                obj.private = role == "driver"  # a driver's object, not the system's page cache
                 return {"obj": obj.id, "path": self.kernel.path_of(obj), "pages": obj.nr_pages}
             case "open" if role in ("driver", "client"):
                 path = _str(args, "path")

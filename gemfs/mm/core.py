@@ -42,6 +42,7 @@ from gemfs.mm.pool import (
     Bools,
     PagePool,
 )
+from gemfs.mm.ttm import TtmPool
 from gemfs.mm.types import (
     MAX_ORDER,
     NR_MIGRATETYPES,
@@ -174,6 +175,12 @@ class MemoryManager:
         self.nr_gem_pinned = 0
         self.nr_kernel_pages = 0
         self.compact_state = ZoneCompactState(self.pool.nr_pageblocks)
+        # pinned-ttm: the driver's objects get their pages through TTM's pools (page_pool_size
+        # defaults to half of memory, ttm_pool_mgr_init()).
+        self.ttm: TtmPool | None = None
+        if self.design is Design.PINNED_TTM:
+            self.ttm = TtmPool(self, limit=self.pool.nr_pages // 2)
+        self.watermarks = page_alloc.watermarks(self.pool.nr_pages)
 
     def close(self) -> None:
         self.pool.close()
@@ -194,10 +201,16 @@ class MemoryManager:
 
     # -- objects ----------------------------------------------------------------------------
     def create_object(
-        self, size: int = 0, *, migratetype: MigrateType | None = None, path: str = ""
+        self,
+        size: int = 0,
+        *,
+        migratetype: MigrateType | None = None,
+        path: str = "",
+        private: bool = False,
     ) -> GemObject:
+        """A new object of ``size`` bytes, populated; ``private``: a driver's (GEM) object."""
         mt = self.design.gem_migratetype if migratetype is None else migratetype
-        obj = GemObject(id=ObjId(self._next_id), migratetype=mt, path=path)
+        obj = GemObject(id=ObjId(self._next_id), migratetype=mt, path=path, private=private)
         self._next_id += 1
         self.objects[obj.id] = obj
         if size:
@@ -218,7 +231,17 @@ class MemoryManager:
     def destroy_object(self, obj: GemObject) -> None:
         """Free every frame of the object (pins are dropped: the owner is gone)."""
         _idx, pfns = obj.resident()
-        if len(pfns):
+        if len(pfns) and self.ttm is not None and obj.private:
+            # TTM: the object's intact blocks go to the page pools, the rest to the buddy
+            self.nr_gem_pinned -= int(np.count_nonzero(self.pool.pin[pfns]))
+            self.nr_gem_pages -= len(pfns)
+            pooled = self.ttm.give_back(obj.id)
+            rest = np.setdiff1d(pfns, pooled, assume_unique=True)
+            if len(rest):
+                self.pool.pin[rest] = 0
+                self.buddy.free_pfns(rest)
+                self.vmstat.inc("pgfree", len(rest))
+        elif len(pfns):
             self._release_frames(pfns)
         obj.pages = np.empty(0, dtype=np.int64)
         obj.size = 0
@@ -248,8 +271,12 @@ class MemoryManager:
         seg = obj.pages[start:end]
         holes = np.flatnonzero(seg < 0)
         if len(holes):
-            pfns = self.buddy.alloc_bulk(len(holes), obj.migratetype)
-            self.vmstat.inc("pgalloc", len(pfns))
+            if self.ttm is not None and obj.private:
+                pfns = self.ttm.alloc(obj.id, len(holes))  # counts its own pgalloc
+            else:
+                pfns = self._alloc_bulk(len(holes), obj.migratetype)
+                self.vmstat.inc("pgalloc", len(pfns))
+            self.kswapd_shrink()
             p = self.pool
             if zero:
                 p.frames[pfns] = 0
@@ -260,6 +287,32 @@ class MemoryManager:
             seg[holes] = pfns
             obj.pages[start:end] = seg
         return seg
+
+    def _alloc_bulk(self, nr_pages: int, mt: MigrateType) -> I64:
+        """Order-0 pages from the buddy; when it has too few, reclaim (the shrinkers) once."""
+        try:
+            return self.buddy.alloc_bulk(nr_pages, mt)
+        except OutOfMemory:
+            if self.shrink_slab(nr_pages - self.buddy.free_pages) == 0:
+                raise
+        return self.buddy.alloc_bulk(nr_pages, mt)
+
+    def kswapd_shrink(self) -> int:
+        """Memory pressure without a failure: below the low watermark kswapd wakes and
+        reclaims up to the high one; the model's only reclaimable memory is the shrinkers'."""
+        if self.ttm is None:
+            return 0
+        free, wm = self.buddy.free_pages, self.watermarks
+        if free >= wm.low:
+            return 0
+        return self.shrink_slab(wm.high - free)
+
+    def shrink_slab(self, nr_pages: int) -> int:
+        """Reclaim's call to the shrinkers (shrink_slab()): ask them to free at least
+        ``nr_pages`` pages; the pages freed. The only shrinker modelled is TTM's page pool."""
+        if self.ttm is None or nr_pages <= 0:
+            return 0
+        return self.ttm.shrink(nr_pages)
 
     def truncate(self, obj: GemObject, size: int) -> None:
         """Set the file size; shrinking frees the frames past the end (pinned: EBUSY).
@@ -476,6 +529,7 @@ class MemoryManager:
         self.kernel_pages[pfn] = order
         self.nr_kernel_pages += 1 << order
         self.vmstat.inc("pgalloc", 1 << order)
+        self.kswapd_shrink()
         return pfn
 
     def free_kernel(self, pfn: int) -> None:
@@ -880,6 +934,12 @@ class MemoryManager:
         pinned = int(np.count_nonzero(obj_pages & (p.pin > 0)))
         assert self.nr_gem_pinned == pinned, "nr_gem_pinned drifted"
         kernel = sum(1 << o for o in self.kernel_pages.values())
+        if self.ttm is not None:
+            pooled = self.ttm.pooled()
+            assert sum(1 << o for _, o in pooled) == self.ttm.pooled_pages, "TTM pool drifted"
+            for pfn, o in pooled:
+                assert np.all(p.owner[pfn : pfn + (1 << o)] == OWNER_KERNEL), "TTM frame owned"
+            kernel += self.ttm.pooled_pages
         assert self.nr_kernel_pages == kernel, "nr_kernel_pages drifted"
         stale = p.pb_dirty.copy()
         p.pb_dirty[:] = True  # recompute every pageblock and compare with what was kept
