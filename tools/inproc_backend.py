@@ -38,7 +38,9 @@ class InprocBackend:
         self.mm = MemoryManager(workload.pool, design=design, costs=costs, content=content)
         self.clock = self.mm.clock
         self._cost_table = self.mm.costs.to_json()
-        self.driver = InprocDriver(self.mm, design, workload.gem_migratetype)
+        self.driver = InprocDriver(
+            self.mm, design, workload.gem_migratetype, workload.driver_policy
+        )
         c = workload.compactor
         self.mm.compaction_proactiveness = c.proactiveness
         self.kcompactd = Kcompactd(self.mm.pool.nr_pageblocks, order=c.order)

@@ -106,11 +106,18 @@ def _time(args: dict[str, Any], key: str, default: float) -> float:
     return float(v)
 
 
-def _waited(r: dict[str, Any]) -> float:
-    w = r.get("waited_s", 0.0)
+def _waited(r: dict[str, Any], key: str = "waited_s") -> float:
+    w = r.get(key, 0.0)
     if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w < 1e9:
-        raise CallError("EPROTO", "waited_s must be a number of seconds >= 0")
+        raise CallError("EPROTO", f"{key} must be a number of seconds >= 0")
     return float(w)
+
+
+def _dropped(r: dict[str, Any], n: int) -> tuple[bool, ...]:
+    d = r.get("dropped", [])
+    if not isinstance(d, list) or (d and len(d) != n) or not all(isinstance(x, bool) for x in d):
+        raise CallError("EPROTO", "dropped must be a list of booleans, one per object")
+    return tuple(d)
 
 
 def _mode(args: dict[str, Any]) -> MigrateMode:
@@ -683,7 +690,12 @@ class ControlServer:
             parsed = tuple(arrays.results(g) for g in got)
             if any(len(a) != len(p.idx) for a, p in zip(parsed, ask.parts, strict=True)):
                 raise CallError("EPROTO", "migrate answer has the wrong shape")
-            return Answer(results=parsed, waited_s=_waited(r))
+            return Answer(
+                results=parsed,
+                waited_s=_waited(r),
+                lock_s=_waited(r, "lock_s"),
+                dropped=_dropped(r, len(ask.parts)),
+            )
         except CallError as e:
             if e.errno == "ETIMEDOUT":
                 return Answer.failure("timeout")
