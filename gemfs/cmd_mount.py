@@ -32,6 +32,7 @@ DESIGNS = (
     "pinned-unmovable",
     "pinned-ttm",
     "pinned-in-movable",
+    "illuminator",
     "shmem-hook",
     "gemfs",
     "notifier",

@@ -430,12 +430,16 @@ class ControlServer:
                 return 0
             case "snapshot":
                 pool = mm.pool
-                return {
+                snap: dict[str, Any] = {
                     "nr_pages": pool.nr_pages,
                     "flags": pool.flags.tobytes(),
                     "pageblock_mt": pool.pageblock_mt.tobytes(),
                     "free": mm.free_blocks_per_order(),
                 }
+                hopeless = mm.hopeless_pageblocks()
+                if hopeless is not None:  # illuminator: blocks compaction passes over
+                    snap["hopeless"] = hopeless.astype(np.uint8).tobytes()
+                return snap
             case "migrate" if role in ("compactor", "client"):
                 src = _pfns(args, "src", 1 << 16)
                 dst = _pfns(args, "dst", 1 << 16)

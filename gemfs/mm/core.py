@@ -26,6 +26,7 @@ from gemfs.mm.compaction import (
 )
 from gemfs.mm.contig import ContigPolicy
 from gemfs.mm.costs import Clock, CostTable, LatencySketch, Ledger, Task
+from gemfs.mm.illuminator import PageblockCounts
 from gemfs.mm.migrate import Answer, Ask, Migrated, Migration
 from gemfs.mm.objects import GemObject
 from gemfs.mm.ops import Owner, Results
@@ -181,6 +182,10 @@ class MemoryManager:
         if self.design is Design.PINNED_TTM:
             self.ttm = TtmPool(self, limit=self.pool.nr_pages // 2)
         self.watermarks = page_alloc.watermarks(self.pool.nr_pages)
+        # illuminator: per-pageblock counts of pages compaction cannot move
+        self.pb_counts: PageblockCounts | None = None
+        if self.design is Design.ILLUMINATOR:
+            self.pb_counts = PageblockCounts(self.pool.nr_pageblocks)
 
     def close(self) -> None:
         self.pool.close()
@@ -233,7 +238,7 @@ class MemoryManager:
         _idx, pfns = obj.resident()
         if len(pfns) and self.ttm is not None and obj.private:
             # TTM: the object's intact blocks go to the page pools, the rest to the buddy
-            self.nr_gem_pinned -= int(np.count_nonzero(self.pool.pin[pfns]))
+            self._pins_gone(pfns)
             self.nr_gem_pages -= len(pfns)
             pooled = self.ttm.give_back(obj.id)
             rest = np.setdiff1d(pfns, pooled, assume_unique=True)
@@ -248,8 +253,15 @@ class MemoryManager:
         self.objects.pop(obj.id, None)
         self.pins.drop_object(obj.id)
 
+    def _pins_gone(self, pfns: I64) -> None:
+        """These object frames are being freed with whatever pins they had."""
+        pinned = pfns[self.pool.pin[pfns] > 0]
+        self.nr_gem_pinned -= len(pinned)
+        if self.pb_counts is not None:
+            self.pb_counts.pins(pinned, -1)
+
     def _release_frames(self, pfns: I64) -> None:
-        self.nr_gem_pinned -= int(np.count_nonzero(self.pool.pin[pfns]))
+        self._pins_gone(pfns)
         self.nr_gem_pages -= len(pfns)
         self.pool.pin[pfns] = 0
         self.buddy.free_pfns(pfns)
@@ -439,7 +451,11 @@ class MemoryManager:
         if len(pfns) == 0:
             return
         pin = self.pool.pin
-        self.nr_gem_pinned += int(np.count_nonzero(pin[np.unique(pfns)] == 0))
+        u = np.unique(pfns)
+        fresh = u[pin[u] == 0]
+        self.nr_gem_pinned += len(fresh)
+        if self.pb_counts is not None:
+            self.pb_counts.pins(fresh, 1)
         np.add.at(pin, pfns, 1)
 
     def unpin_pages(self, pfns: I64) -> None:
@@ -449,7 +465,11 @@ class MemoryManager:
         if np.any(pin[pfns] == 0):
             raise ObjectError(errno.EINVAL, "unpin of a page that is not pinned")
         np.subtract.at(pin, pfns, 1)
-        self.nr_gem_pinned -= int(np.count_nonzero(pin[np.unique(pfns)] == 0))
+        u = np.unique(pfns)
+        gone = u[pin[u] == 0]
+        self.nr_gem_pinned -= len(gone)
+        if self.pb_counts is not None:
+            self.pb_counts.pins(gone, -1)
 
     def pinned_pages(self, obj: GemObject) -> int:
         _, pfns = obj.resident()
@@ -528,6 +548,8 @@ class MemoryManager:
         self.pool.owner[pfn : pfn + (1 << order)] = OWNER_KERNEL
         self.kernel_pages[pfn] = order
         self.nr_kernel_pages += 1 << order
+        if self.pb_counts is not None:
+            self.pb_counts.kernel(pfn, 1 << order, 1)
         self.vmstat.inc("pgalloc", 1 << order)
         self.kswapd_shrink()
         return pfn
@@ -535,6 +557,8 @@ class MemoryManager:
     def free_kernel(self, pfn: int) -> None:
         order = self.kernel_pages.pop(pfn)
         self.nr_kernel_pages -= 1 << order
+        if self.pb_counts is not None:
+            self.pb_counts.kernel(pfn, 1 << order, -1)
         self.buddy.free_pfns(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
         self.vmstat.inc("pgfree", 1 << order)
 
@@ -699,6 +723,10 @@ class MemoryManager:
     def free_blocks_per_order(self) -> list[int]:
         return self.buddy.free_blocks_per_order()
 
+    def hopeless_pageblocks(self) -> npt.NDArray[np.bool_] | None:
+        """illuminator: the pageblocks compaction passes over (None under other designs)."""
+        return self.pb_counts.hopeless() if self.pb_counts is not None else None
+
     @property
     def flags(self) -> npt.NDArray[np.uint8]:
         return self.pool.flags
@@ -848,6 +876,8 @@ class MemoryManager:
         p.touch(start, n)
         self.kernel_pages[start] = policy.order
         self.nr_kernel_pages += n
+        if self.pb_counts is not None:
+            self.pb_counts.kernel(start, n, 1)
         v.inc("pgalloc", n)
         v.inc("contig_alloc_success")
         return start
@@ -934,6 +964,17 @@ class MemoryManager:
         pinned = int(np.count_nonzero(obj_pages & (p.pin > 0)))
         assert self.nr_gem_pinned == pinned, "nr_gem_pinned drifted"
         kernel = sum(1 << o for o in self.kernel_pages.values())
+        if self.pb_counts is not None:
+            want_pinned = np.bincount(
+                np.flatnonzero(obj_pages & (p.pin > 0)) >> PAGEBLOCK_ORDER,
+                minlength=p.nr_pageblocks,
+            )
+            assert np.array_equal(self.pb_counts.pinned, want_pinned), "pinned counts drifted"
+            want_kernel = np.zeros(p.nr_pageblocks, dtype=np.int64)
+            for pfn, o in self.kernel_pages.items():
+                np.add.at(want_kernel, np.arange(pfn, pfn + (1 << o)) >> PAGEBLOCK_ORDER, 1)
+            assert np.array_equal(self.pb_counts.unmovable, want_kernel), "kernel counts drifted"
+
         if self.ttm is not None:
             pooled = self.ttm.pooled()
             assert sum(1 << o for _, o in pooled) == self.ttm.pooled_pages, "TTM pool drifted"

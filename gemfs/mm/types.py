@@ -71,6 +71,7 @@ class Design(enum.StrEnum):
     PINNED_UNMOVABLE = "pinned-unmovable"  # drm_gem_shmem: GFP_HIGHUSER, "kept pinned"
     PINNED_TTM = "pinned-ttm"  # TTM: UNMOVABLE, highest order first, per-order page pools
     PINNED_IN_MOVABLE = "pinned-in-movable"  # pins in MOVABLE blocks (userptr, no LONGTERM)
+    ILLUMINATOR = "illuminator"  # pinned (i915) + compaction skips blocks it cannot empty
     SHMEM_HOOK = "shmem-hook"
     GEMFS = "gemfs"
     NOTIFIER = "notifier"
@@ -90,8 +91,9 @@ class Design(enum.StrEnum):
 
     @property
     def gem_migratetype(self) -> MigrateType:
-        """The GEM pages' migrate type: i915 RECLAIMABLE, drm_gem_shmem and TTM UNMOVABLE,
-        MOVABLE for pins in movable blocks and under the proposals."""
+        """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator, which changes
+        compaction only), drm_gem_shmem and TTM UNMOVABLE, MOVABLE for pins in movable blocks
+        and under the proposals."""
         return _GEM_MIGRATETYPE.get(self, MigrateType.MOVABLE)
 
 
@@ -100,6 +102,7 @@ _GEM_MIGRATETYPE = {
     Design.PINNED_UNMOVABLE: MigrateType.UNMOVABLE,
     Design.PINNED_TTM: MigrateType.UNMOVABLE,
     Design.PINNED_IN_MOVABLE: MigrateType.MOVABLE,
+    Design.ILLUMINATOR: MigrateType.RECLAIMABLE,
 }
 
 
