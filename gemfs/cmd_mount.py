@@ -33,6 +33,7 @@ DESIGNS = (
     "pinned-ttm",
     "pinned-in-movable",
     "illuminator",
+    "defrag-mode",
     "shmem-hook",
     "gemfs",
     "notifier",

@@ -161,6 +161,7 @@ def test_every_place_that_lists_designs_follows_the_enum() -> None:
         MigrateType.UNMOVABLE,  # pinned-ttm
         MigrateType.MOVABLE,  # pinned-in-movable
         MigrateType.RECLAIMABLE,  # illuminator: i915's pages, compaction changed
+        MigrateType.RECLAIMABLE,  # defrag-mode: i915's pages, the allocator changed
         MigrateType.MOVABLE,
         MigrateType.MOVABLE,
         MigrateType.MOVABLE,
@@ -252,6 +253,28 @@ def test_illuminator_keeps_the_recovery_without_wasted_attempts_on_pinned_blocks
     # and it moves fewer pages: none out of blocks that could never be emptied
     assert r.costs["pages_migrated"] < plain.costs["pages_migrated"]
     assert r.data_errors == 0
+
+
+# -- what the kernel merged instead: vm.defrag_mode ----------------------------------------------
+def test_defrag_mode_makes_fewer_mixed_pageblocks_than_pinned(
+    status_quo: dict[Design, Played],
+) -> None:
+    """vm.defrag_mode (6.15) on i915's status quo: no allocation below pageblock order takes
+    part of another type's pageblock until reclaim and compaction had their turn, and
+    kcompactd keeps the high watermark in free pageblocks. Same workload as ``pinned``: half
+    the mixed pageblocks or fewer, a drain at least as good, paid for in pages migrated by
+    the compaction turns; a few requests still fall back when compaction cannot help."""
+    plain = status_quo[Design.PINNED]
+    dm = play(Design.DEFRAG_MODE)
+    v = dm.record.vmstat
+    assert plain.mixed >= 10
+    assert dm.mixed <= plain.mixed / 2
+    assert dm.record.drain["blocks"] >= plain.record.drain["blocks"]
+    assert v["defrag_mode_compact"] > 0  # compaction had its turn ...
+    assert 0 < v["defrag_mode_fallback"] < v["defrag_mode_compact"]  # ... and mostly helped
+    assert v["compact_daemon_defrag_reserve"] > 0  # kcompactd worked for the reserve
+    assert dm.record.costs["pages_migrated"] > plain.record.costs["pages_migrated"]
+    assert dm.record.data_errors == 0
 
 
 # -- driver policies (combinable with the hook designs) -------------------------------------------

@@ -168,10 +168,17 @@ async def proactive_loop(
     read at every wake-up, as kcompactd reads the sysctl.
     """
     snap = await core.call("fragmentation", {})
-    kc = Kcompactd(_nr_pageblocks(snap), order=order)
+    kc = _kcompactd(snap, order)
     while True:
         await trio.sleep(interval)
         await kcompactd_wake(core, kc, proactiveness, stats, None)
+
+
+def _kcompactd(frag: dict[str, Any], order: int) -> Kcompactd:
+    reserve = frag.get("defrag_reserve", 0)
+    if not isinstance(reserve, int) or reserve < 0:
+        raise RuntimeError("the core sent a bad defrag_reserve")
+    return Kcompactd(_nr_pageblocks(frag), order=order, reserve=reserve)
 
 
 def _nr_pageblocks(frag: dict[str, Any]) -> int:
@@ -211,7 +218,7 @@ async def run_compactor(
             if once:
                 await compact_remote(core, order=-1, mode=MigrateMode.SYNC, stats=stats)
             elif model_clock:
-                kc = Kcompactd(_nr_pageblocks(await core.call("fragmentation", {})), order=order)
+                kc = _kcompactd(await core.call("fragmentation", {}), order)
                 await core.call("kcompactd", {"interval_s": interval})
                 await trio.sleep_forever()
             else:

@@ -43,7 +43,9 @@ class InprocBackend:
         )
         c = workload.compactor
         self.mm.compaction_proactiveness = c.proactiveness
-        self.kcompactd = Kcompactd(self.mm.pool.nr_pageblocks, order=c.order)
+        self.kcompactd = Kcompactd(
+            self.mm.pool.nr_pageblocks, order=c.order, reserve=self.mm.defrag_reserve
+        )
         self.schedule = WakeSchedule(c.interval_s)
         self._next = 1
         self._objects: dict[Handle, DriverObject] = {}

@@ -467,6 +467,7 @@ class ControlServer:
                     "score": mm.fragmentation_score(),
                     "proactiveness": mm.compaction_proactiveness,
                     "nr_pageblocks": mm.pool.nr_pageblocks,
+                    "defrag_reserve": mm.defrag_reserve,  # kcompactd's pageblock reserve
                 }
             case "frames":
                 obj = self._owned(state, args) if role != "client" else self._any(args)

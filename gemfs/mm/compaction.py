@@ -302,6 +302,7 @@ class CompactionPolicy:
     order: int = -1
     mode: MigrateMode = MigrateMode.SYNC
     proactiveness: int | None = None  # set: proactive compaction down to the low watermark
+    target_blocks: int = 1  # SUCCESS when this many free blocks of ``order`` exist (defrag_mode)
     ignore_block_suitable: bool = False
     migrate_block: int = 0
     free_block: int = -1
@@ -375,8 +376,13 @@ class CompactionPolicy:
             low, _ = proactive_watermarks(self.proactiveness)
             if fragmentation_score(free) <= low:
                 return CompactResult.SUCCESS
-        elif self.order >= 0 and any(free[o] for o in range(self.order, NR_ORDERS)):
-            return CompactResult.SUCCESS
+        elif self.order >= 0 and self.target_blocks <= 1:
+            if any(free[o] for o in range(self.order, NR_ORDERS)):
+                return CompactResult.SUCCESS
+        elif self.order >= 0:
+            units = sum(free[o] << (o - self.order) for o in range(self.order, NR_ORDERS))
+            if units >= self.target_blocks:
+                return CompactResult.SUCCESS
         return CompactResult.CONTINUE
 
     def _finish(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +72,8 @@ EAGAIN = errno.EAGAIN
 EBUSY = errno.EBUSY
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
-ContentListener = Callable[[GemObject, int, int], None]  # (object, first page, page count)
+ContentListener = Callable[[GemObject, int, int], None]
+T = TypeVar("T")  # (object, first page, page count)
 
 
 class ObjectError(Exception):
@@ -182,6 +183,13 @@ class MemoryManager:
         if self.design is Design.PINNED_TTM:
             self.ttm = TtmPool(self, limit=self.pool.nr_pages // 2)
         self.watermarks = page_alloc.watermarks(self.pool.nr_pages)
+        # defrag-mode (vm.defrag_mode, 6.15): no allocation takes part of another type's
+        # pageblock until reclaim and compaction have had their turn; kcompactd keeps the high
+        # watermark in whole free pageblocks (defrag_reserve)
+        self.defrag_mode = self.design is Design.DEFRAG_MODE
+        self.defrag_reserve = (
+            -(-self.watermarks.high // PAGEBLOCK_NR_PAGES) if self.defrag_mode else 0
+        )
         # illuminator: per-pageblock counts of pages compaction cannot move
         self.pb_counts: PageblockCounts | None = None
         if self.design is Design.ILLUMINATOR:
@@ -302,12 +310,42 @@ class MemoryManager:
 
     def _alloc_bulk(self, nr_pages: int, mt: MigrateType) -> I64:
         """Order-0 pages from the buddy; when it has too few, reclaim (the shrinkers) once."""
+        if self.defrag_mode:
+            return self._defrag_alloc(lambda nf: self.buddy.alloc_bulk(nr_pages, mt, nofragment=nf))
         try:
             return self.buddy.alloc_bulk(nr_pages, mt)
         except OutOfMemory:
             if self.shrink_slab(nr_pages - self.buddy.free_pages) == 0:
                 raise
         return self.buddy.alloc_bulk(nr_pages, mt)
+
+    def _defrag_alloc(self, alloc: Callable[[bool], T]) -> T:
+        """vm.defrag_mode's slow path for a request below pageblock order: ALLOC_NOFRAGMENT
+        first (a whole free pageblock of another type may be claimed, none split); when that
+        fails, reclaim (the shrinkers) and direct compaction for a free pageblock (SYNC_LIGHT,
+        the zone's deferral and suitability rules) have their turn; only then the request
+        falls back as without defrag_mode ("reclaim/compaction failed to prevent the
+        fallback", counted in defrag_mode_fallback)."""
+        try:
+            return alloc(True)
+        except OutOfMemory:
+            pass
+        self.shrink_slab(page_alloc.compact_gap(PAGEBLOCK_ORDER))
+        self.vmstat.inc("defrag_mode_compact")
+        compacting = page_alloc.try_to_compact_pages(
+            self, PAGEBLOCK_ORDER, MigrateType.MOVABLE, page_alloc.DEF_COMPACT_PRIORITY
+        )
+        try:
+            policy = next(compacting)
+            while True:
+                policy = compacting.send(self.run_policy(policy))
+        except StopIteration:
+            pass
+        try:
+            return alloc(True)
+        except OutOfMemory:
+            self.vmstat.inc("defrag_mode_fallback")
+        return alloc(False)
 
     def kswapd_shrink(self) -> int:
         """Memory pressure without a failure: below the low watermark kswapd wakes and
@@ -544,7 +582,10 @@ class MemoryManager:
 
     # -- kernel allocations (noise, high-order probes) ----------------------------------------
     def alloc_kernel(self, order: int, mt: MigrateType) -> int:
-        pfn = self.buddy.alloc(order, mt)
+        if self.defrag_mode and order < PAGEBLOCK_ORDER:
+            pfn = self._defrag_alloc(lambda nf: self.buddy.alloc(order, mt, nofragment=nf))
+        else:
+            pfn = self.buddy.alloc(order, mt)
         self.pool.owner[pfn : pfn + (1 << order)] = OWNER_KERNEL
         self.kernel_pages[pfn] = order
         self.nr_kernel_pages += 1 << order

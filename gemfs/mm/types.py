@@ -72,6 +72,7 @@ class Design(enum.StrEnum):
     PINNED_TTM = "pinned-ttm"  # TTM: UNMOVABLE, highest order first, per-order page pools
     PINNED_IN_MOVABLE = "pinned-in-movable"  # pins in MOVABLE blocks (userptr, no LONGTERM)
     ILLUMINATOR = "illuminator"  # pinned (i915) + compaction skips blocks it cannot empty
+    DEFRAG_MODE = "defrag-mode"  # pinned (i915) + vm.defrag_mode (6.15) in the allocator
     SHMEM_HOOK = "shmem-hook"
     GEMFS = "gemfs"
     NOTIFIER = "notifier"
@@ -91,9 +92,9 @@ class Design(enum.StrEnum):
 
     @property
     def gem_migratetype(self) -> MigrateType:
-        """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator, which changes
-        compaction only), drm_gem_shmem and TTM UNMOVABLE, MOVABLE for pins in movable blocks
-        and under the proposals."""
+        """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator and
+        defrag-mode, which change compaction and the allocator only), drm_gem_shmem and TTM
+        UNMOVABLE, MOVABLE for pins in movable blocks and under the proposals."""
         return _GEM_MIGRATETYPE.get(self, MigrateType.MOVABLE)
 
 
@@ -103,6 +104,7 @@ _GEM_MIGRATETYPE = {
     Design.PINNED_TTM: MigrateType.UNMOVABLE,
     Design.PINNED_IN_MOVABLE: MigrateType.MOVABLE,
     Design.ILLUMINATOR: MigrateType.RECLAIMABLE,
+    Design.DEFRAG_MODE: MigrateType.RECLAIMABLE,
 }
 
 
