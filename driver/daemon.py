@@ -20,7 +20,7 @@ import numpy as np
 import trio
 import trio.lowlevel
 
-from driver.gem import DriverObject, GemDriver
+from driver.gem import DriverObject, DriverPolicy, GemDriver
 from gemfs.control.arrays import pack_i32
 from gemfs.control.peer import CallError, Peer, connect, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
@@ -46,9 +46,15 @@ def _arr(v: object) -> np.ndarray:
 
 class DriverDaemon:
     def __init__(
-        self, control: str, listen: str | None, name: str = "i915", migratetype: str | None = None
+        self,
+        control: str,
+        listen: str | None,
+        name: str = "i915",
+        migratetype: str | None = None,
+        policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
     ) -> None:
         self.control = control
+        self.policy = policy
         self.migratetype = migratetype  # None: the design's (the core decides)
         self.listen = listen
         self.name = name
@@ -78,7 +84,7 @@ class DriverDaemon:
             raise RuntimeError("the core did not pass the pool memfd")
         self.design = Design.parse(str(core.info["design"]))
         self._map, frames = map_frames(core.fds[0], int(core.info["nr_pages"]))
-        self.gem = GemDriver(frames)
+        self.gem = GemDriver(frames, policy=self.policy)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_core, nursery)
             if self.design is Design.GEMFS:
@@ -315,8 +321,15 @@ class DriverDaemon:
                 token = a.get("token", 0)
                 if not isinstance(token, int):
                     raise _err(errno.EINVAL, "token must be an integer")
-                results, waited = self._migrate_objects(entries, mode, float(now), token)
-                return {"results": [pack_i32(r) for r in results], "waited_s": waited}
+                results, dropped, waited, lock = self._migrate_objects(
+                    entries, mode, float(now), token
+                )
+                return {
+                    "results": [pack_i32(r) for r in results],
+                    "waited_s": waited,
+                    "lock_s": lock,
+                    "dropped": dropped,
+                }
             case "invalidate":
                 o = self.gem.objects.get(a.get("obj"))  # type: ignore[arg-type]
                 if o is None:
@@ -335,14 +348,17 @@ class DriverDaemon:
 
     def _migrate_objects(
         self, entries: list[Any], mode: MigrateMode, now: float, token: int
-    ) -> tuple[list[np.ndarray], float]:
-        """The migrate callback: per object 0 (stop using it until the "migrated" notice; the
-        pin passes to the core) or -EAGAIN per page; objects that are not ours may move. The
-        GPUs are waited for together: the answer says how long (modelled)."""
+    ) -> tuple[list[np.ndarray], list[bool], float, float]:
+        """The migrate callback: per object the policy's decision (GemDriver.migrate_decide):
+        0 (stop using it until the "migrated" notice; the pin passes to the core, or with the
+        whole backing store dropped, goes), -EAGAIN or -EBUSY per page; objects that are not
+        ours may move. The GPUs are waited for together: the answer says how long (modelled),
+        and how long the callback spent on the driver's lock."""
         assert self.gem is not None
         st = self.gem.stats
         results: list[np.ndarray] = []
-        waited = 0.0
+        dropped: list[bool] = []
+        waited = lock = 0.0
         for e in entries:
             if not isinstance(e, dict):
                 raise _err(errno.EINVAL, "each entry must be a map")
@@ -350,22 +366,21 @@ class DriverDaemon:
             o = self.gem.objects.get(e.get("obj"))  # type: ignore[arg-type]
             if o is None:
                 results.append(np.zeros(n, dtype=np.int32))
+                dropped.append(False)
                 continue
-            st.migrate_calls += 1
-            st.migrate_pages += n
-            wait = self.gem.migrate_wait(o, mode, now)
-            if wait is None:
-                st.migrate_eagain += n
-                results.append(np.full(n, -errno.EAGAIN, dtype=np.int32))
+            d = self.gem.migrate_decide(o, n, mode, now + lock)
+            lock += d.lock_s
+            results.append(np.full(n, d.rc, dtype=np.int32))
+            dropped.append(d.drop)
+            if d.rc != 0:
                 continue
-            waited = max(waited, wait)
+            waited = max(waited, d.wait_s)
             # No batches on it until this ask's "migrated" notice (unless it came already:
             # the core gave up waiting for this answer and has settled the pages).
             if token not in self._noticed:
                 self.migrating[o.id] = (token, trio.Event())
-            results.append(np.zeros(n, dtype=np.int32))
         st.stall_s += waited
-        return results, waited
+        return results, dropped, waited, lock
 
     async def _on_core_notify(self, peer: Peer, note: Notify) -> None:
         if note.op != "migrated" or self.gem is None:
@@ -399,7 +414,11 @@ class DriverDaemon:
 
 
 async def run_driver(
-    control: str, listen: str | None, name: str = "i915", migratetype: str | None = None
+    control: str,
+    listen: str | None,
+    name: str = "i915",
+    migratetype: str | None = None,
+    policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
 ) -> None:
-    d = DriverDaemon(control, listen, name, migratetype)
+    d = DriverDaemon(control, listen, name, migratetype, policy)
     await d.run()

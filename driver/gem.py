@@ -12,6 +12,7 @@ directly, the daemon over the control socket with trio.
 
 from __future__ import annotations
 
+import enum
 import errno
 import zlib
 from dataclasses import dataclass, field
@@ -26,8 +27,57 @@ I64 = npt.NDArray[np.int64]
 Frames = npt.NDArray[Any]  # (n, PAGE_SIZE) bytes, or (n, 1) uint32 content stamps
 
 EAGAIN = errno.EAGAIN
+EBUSY = errno.EBUSY
 # SYNC_LIGHT may wait for the GPU this long before giving up with -EAGAIN.
 SYNC_LIGHT_WAIT_S = 0.010
+# The 2016 patch's i915_gem_shrinker_migratepage() took struct_mutex through
+# i915_gem_shrinker_lock_uninterruptible(dev_priv, &unlock, 10): mutex_trylock in a loop for
+# up to 10 ms, then -EBUSY.
+I915_TRYLOCK_S = 0.010
+# A Mali GPU's cache maintenance for one migrated page: an L2 clean + invalidate of the page's
+# range issued through the MMU's address-space command register (AS_COMMAND FLUSH_MEM) and
+# waited for by polling AS_STATUS (panfrost_mmu.c mmu_hw_do_operation; kbase
+# kbase_mmu_flush_pa_range). The 2016 thread's Mali developer needed one per page ("batching
+# pages isn't easily possible?"). No published per-page latency was found: estimate 5 µs (an
+# uncached MMIO write, then polling until the flush of a 4 KiB range completes; kbase's
+# timeout for these commands is in milliseconds).
+MALI_FLUSH_PAGE_US = 5.0
+
+
+class DriverPolicy(enum.StrEnum):
+    """What the driver's migrate callback does when the core asks about an object's pages."""
+
+    WAIT_IDLE = "wait-idle"  # wait for the GPU as the mode allows, move, keep the object bound
+    I915_2016 = "i915-2016"  # the posted patch: -EBUSY when active, else drop the backing store
+    PER_PAGE_FLUSH = "per-page-flush"  # wait-idle, plus a GPU cache flush per migrated page
+
+    @classmethod
+    def parse(cls, text: str) -> DriverPolicy:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            names = ", ".join(p.value for p in cls)
+            raise ValueError(f"unknown driver policy {text!r} (expected one of {names})") from None
+
+    @property
+    def costs(self) -> dict[str, float]:
+        """Cost-table entries the policy implies (a workload's [costs] still overrides them)."""
+        if self is DriverPolicy.PER_PAGE_FLUSH:
+            return {"flush_page_us": MALI_FLUSH_PAGE_US}
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateDecision:
+    """The callback's answer for one object: ``rc`` for every page asked about (0: stop using
+    them, they may move; -EAGAIN busy, retry; -EBUSY refused), modelled seconds waited for the
+    GPU (``wait_s``: GPU stall) and spent on the driver's lock (``lock_s``: the migrating
+    task's time, not a stall), and whether the object's whole backing store was dropped."""
+
+    rc: int
+    wait_s: float = 0.0
+    lock_s: float = 0.0
+    drop: bool = False
 
 
 @dataclass
@@ -57,6 +107,8 @@ class GpuStats:
     migrate_calls: int = 0
     migrate_pages: int = 0
     migrate_eagain: int = 0
+    migrate_ebusy: int = 0  # pages refused with -EBUSY (i915-2016: object active, lock timeout)
+    dropped_objects: int = 0  # i915-2016: objects whose backing store a callback dropped
     invalidations: int = 0
 
 
@@ -87,6 +139,8 @@ class GemDriver:
     # Content-free pools: every page a GPU write touches gets a stamp never used before, so a
     # frame that does not hold the last write (stale, lost, duplicated) always mismatches.
     next_stamp: int = 1
+    policy: DriverPolicy = DriverPolicy.WAIT_IDLE
+    busy_until: float = 0.0  # the device: when its last batch completes
 
     def add_object(self, obj_id: int, nr_pages: int, content_checksum: int) -> DriverObject:
         o = DriverObject(obj_id, nr_pages, np.full(nr_pages, -1, np.int64), content_checksum)
@@ -152,6 +206,7 @@ class GemDriver:
                 o.checksum = zlib.crc32(data.data)
                 self.stats.pages_written += o.nr_pages
             o.busy_until = max(o.busy_until, now + duration)
+        self.busy_until = max(self.busy_until, now + duration)
 
     def write_object(self, o: DriverObject, offset: int, data: bytes) -> None:
         """A CPU write through the GTT (pwrite ioctl); the object must be bound."""
@@ -188,6 +243,41 @@ class GemDriver:
         if mode == MigrateMode.SYNC_LIGHT and left > SYNC_LIGHT_WAIT_S:
             return None
         return left
+
+    def migrate_decide(
+        self, o: DriverObject, n: int, mode: MigrateMode, now: float
+    ) -> MigrateDecision:
+        """The migrate callback's decision for ``n`` pages of object ``o`` (counted in stats).
+
+        wait-idle and per-page-flush: wait for the GPU as the mode allows (:meth:`migrate_wait`),
+        else -EAGAIN. i915-2016 (the posted patch): take struct_mutex (a trylock loop of up to
+        10 ms, -EBUSY when it fails; the lock is taken to be held while the device has work in
+        flight), then -EBUSY if the object is active on the GPU (no wait, whatever the mode),
+        else unbind it and drop its whole backing store (the GTT here; its pins, through the
+        answer, in the core) so the pages may move. The object's next use re-faults every
+        page."""
+        st = self.stats
+        st.migrate_calls += 1
+        st.migrate_pages += n
+        if self.policy is DriverPolicy.I915_2016:
+            # struct_mutex is taken to be contended while the device has work in flight (the
+            # model does not track its holders): the trylock loop spins until the device idles,
+            # and gives up with -EBUSY when that takes more than its 10 ms.
+            lock = min(max(0.0, self.busy_until - now), I915_TRYLOCK_S)
+            if self.busy_until - now > I915_TRYLOCK_S:
+                st.migrate_ebusy += n
+                return MigrateDecision(-EBUSY, lock_s=lock)
+            if o.busy(now + lock):  # (idle by now, unless the model's lock assumption changes)
+                st.migrate_ebusy += n
+                return MigrateDecision(-EBUSY, lock_s=lock)
+            self.unbind(o)
+            st.dropped_objects += 1
+            return MigrateDecision(0, lock_s=lock, drop=True)
+        wait = self.migrate_wait(o, mode, now)
+        if wait is None:
+            st.migrate_eagain += n
+            return MigrateDecision(-EAGAIN)
+        return MigrateDecision(0, wait_s=wait)
 
     def migrate_commit(self, o: DriverObject, idx: I64, dst: I64) -> None:
         """The core moved pages idx to frames dst: point the GTT at them."""

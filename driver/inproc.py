@@ -13,7 +13,7 @@ import errno
 
 import numpy as np
 
-from driver.gem import DriverObject, GemDriver, checksum_frames
+from driver.gem import DriverObject, DriverPolicy, GemDriver, checksum_frames
 from gemfs.mm import MemoryManager
 from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migrated
 from gemfs.mm.ops import Results
@@ -28,12 +28,16 @@ class InprocDriver:
     name = "i915"
 
     def __init__(
-        self, mm: MemoryManager, design: Design, migratetype: MigrateType | None = None
+        self,
+        mm: MemoryManager,
+        design: Design,
+        migratetype: MigrateType | None = None,
+        policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
     ) -> None:
         self.mm = mm
         self.design = design
         self.migratetype = design.gem_migratetype if migratetype is None else migratetype
-        self.gem = GemDriver(mm.pool.frames)
+        self.gem = GemDriver(mm.pool.frames, policy=policy)
         if design is Design.GEMFS:
             mm.mount_ops = self
 
@@ -43,8 +47,7 @@ class InprocDriver:
 
     # -- ioctls -----------------------------------------------------------------------------
     def create(self, size: int, path: str = "") -> DriverObject:
-        obj = self.mm.create_object(size, migratetype=self.migratetype, path=path)
-        obj.private = True
+        obj = self.mm.create_object(size, migratetype=self.migratetype, path=path, private=True)
         obj.owner_tag = self.name
         content = checksum_frames(self.mm.pool.frames, obj.pages[: obj.nr_pages])
         o = self.gem.add_object(obj.id, obj.nr_pages, content)
@@ -90,26 +93,23 @@ class InprocDriver:
     def answer(self, ask: Ask) -> Answer:
         if isinstance(ask, AskInvalidate):
             return self._invalidate(ask)
-        st = self.gem.stats
         results: list[Results] = []
-        waited = 0.0
+        dropped: list[bool] = []
+        waited = lock = 0.0
         for part in ask.parts:
             n = len(part.idx)
             o = self.gem.objects.get(part.obj.id)
             if o is None:  # not ours any more: nothing to stop using
                 results.append(np.zeros(n, dtype=np.int32))
+                dropped.append(False)
                 continue
-            st.migrate_calls += 1
-            st.migrate_pages += n
-            wait = self.gem.migrate_wait(o, ask.mode, ask.now)
-            if wait is None:
-                st.migrate_eagain += n
-                results.append(np.full(n, -EAGAIN, dtype=np.int32))
-                continue
-            waited = max(waited, wait)
-            results.append(np.zeros(n, dtype=np.int32))
-        st.stall_s += waited
-        return Answer(results=tuple(results), waited_s=waited)
+            d = self.gem.migrate_decide(o, n, ask.mode, ask.now + lock)
+            lock += d.lock_s  # one callback: the lock is taken object after object
+            waited = max(waited, d.wait_s)
+            results.append(np.full(n, d.rc, dtype=np.int32))
+            dropped.append(d.drop)
+        self.gem.stats.stall_s += waited
+        return Answer(results=tuple(results), waited_s=waited, lock_s=lock, dropped=tuple(dropped))
 
     def _invalidate(self, ask: AskInvalidate) -> Answer:
         o = self.gem.objects.get(ask.part.obj.id)

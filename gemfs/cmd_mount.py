@@ -25,7 +25,19 @@ from gemfs.mountproc import (
 if TYPE_CHECKING:
     from gemfs import daemon
 
-DESIGNS = ("pinned", "shmem-hook", "gemfs", "notifier")
+# The values of gemfs.mm.types.Design (not imported: this module must stay cheap to import;
+# tests/test_designs.py checks that the two agree).
+DESIGNS = (
+    "pinned",
+    "pinned-unmovable",
+    "pinned-ttm",
+    "pinned-in-movable",
+    "illuminator",
+    "defrag-mode",
+    "shmem-hook",
+    "gemfs",
+    "notifier",
+)
 
 
 @click.command()

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from driver.gem import DriverPolicy
 from gemfs.mm.pool import PoolTooLarge
 from gemfs.mm.types import Design, MigrateType
 from tools.player import RunResult
@@ -150,6 +151,12 @@ def _run_and_report(
     help="Allocate GEM pages with this migrate type instead of the design's (an ablation; "
     "the workload's [driver] migratetype does the same).",
 )
+@click.option(
+    "--driver-policy",
+    type=click.Choice(["wait-idle", "i915-2016", "per-page-flush"]),
+    default=None,
+    help="The driver's migrate callback (the workload's [driver] policy does the same).",
+)
 def run(
     workload: str,
     designs: tuple[str, ...],
@@ -160,6 +167,7 @@ def run(
     json_file: str | None,
     jobs: int | None,
     gem_migratetype: str | None,
+    driver_policy: str | None,
 ) -> None:
     """Play a WORKLOAD file under each design and compare them side by side.
 
@@ -170,6 +178,8 @@ def run(
     w = _load(workload)
     if gem_migratetype:
         w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
+    if driver_policy:
+        w = w.with_driver_policy(DriverPolicy.parse(driver_policy))
     try:
         factory = inproc_factory() if inproc else stack_factory(mount)
     except BackendUnavailable as e:

@@ -39,14 +39,29 @@ def _check_socket(path: str) -> None:
     default=None,
     help="GEM pages' migrate type instead of the design's (an ablation).",
 )
+@click.option(
+    "--policy",
+    type=click.Choice(["wait-idle", "i915-2016", "per-page-flush"]),
+    default="wait-idle",
+    show_default=True,
+    help="The migrate callback: wait for the GPU (wait-idle), the 2016 patch (-EBUSY when "
+    "active, else drop the object's backing store), or wait-idle with a GPU cache flush per "
+    "page (its cost comes from the mount's cost table: flush_page_us).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def driver_cmd(
-    control: str, listen: str | None, name: str, migratetype: str | None, verbose: bool
+    control: str,
+    listen: str | None,
+    name: str,
+    migratetype: str | None,
+    policy: str,
+    verbose: bool,
 ) -> None:
     """Run the driver daemon (i915's part): GEM objects, a simulated GPU, migrate callbacks."""
     import trio
 
     from driver.daemon import run_driver
+    from driver.gem import DriverPolicy
 
     _check_socket(control)
     _logging(verbose)
@@ -54,7 +69,7 @@ def driver_cmd(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            await run_driver(control, listen, name, migratetype)
+            await run_driver(control, listen, name, migratetype, DriverPolicy.parse(policy))
             nursery.cancel_scope.cancel()
 
     _run_trio("driver", main)

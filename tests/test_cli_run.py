@@ -68,13 +68,13 @@ def test_run_inproc_writes_records_and_report(tmp_path: Path) -> None:
     assert str(out / "report.md") in r.output
 
 
-def test_run_default_designs_are_all_four(tmp_path: Path) -> None:
+def test_run_default_designs_are_all_of_them(tmp_path: Path) -> None:
     workload = write_small(tmp_path)
     records = tmp_path / "out.json"
     r = invoke("run", str(workload), "--inproc", "--json", str(records), "--out", str(tmp_path))
     assert r.exit_code == 0, r.output
     designs = [d["design"] for d in json.loads(records.read_text())]
-    assert designs == ["pinned", "shmem-hook", "gemfs", "notifier"]
+    assert designs == [d.value for d in Design]
 
 
 def deterministic(record: dict[str, object]) -> dict[str, object]:
@@ -124,7 +124,7 @@ def test_run_output_is_full_width_when_piped(tmp_path: Path) -> None:
             assert any(metric.label in line for line in lines), metric.label
     assert max(len(line) for line in lines) > 80
     header = next(line for line in lines if line.lstrip().startswith("metric"))
-    assert header.split() == ["metric", "pinned", "shmem-hook", "gemfs", "notifier"]
+    assert header.split() == ["metric", *(d.value for d in Design)]
 
 
 def test_run_seeds_must_be_positive(tmp_path: Path) -> None:

@@ -53,8 +53,8 @@ def test_compaction_test_under_each_design(stack: Stack) -> None:
     stack.compact_once()
     after = core.call("stats")
     got = _order9(after["free"]) - _order9(before["free"])
-    if stack.design is Design.PINNED:
-        assert got < 0.1 * ideal, (got, ideal)
+    if not stack.design.asks_owner:
+        assert got <= 0.1 * ideal, (got, ideal)  # pinned-ttm: ideal 0, its pools kept the pages
         assert after["vmstat"]["gem_migrate_callbacks"] == 0
     else:
         assert _order9(after["free"]) >= 0.9 * ideal, (after["free"], ideal)

@@ -37,17 +37,23 @@ class SnapshotView:
     flags: npt.NDArray[np.uint8]
     pageblock_mt: npt.NDArray[np.uint8]
     free: list[int]
+    hopeless: npt.NDArray[np.bool_] | None = None  # Illuminator's blocks (if the core has it)
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> SnapshotView:
+        raw = r.get("hopeless")
         return cls(
             np.frombuffer(r["flags"], dtype=np.uint8).copy(),
             np.frombuffer(r["pageblock_mt"], dtype=np.uint8).copy(),
             list(r["free"]),
+            np.frombuffer(raw, dtype=np.uint8).astype(np.bool_) if isinstance(raw, bytes) else None,
         )
 
     def free_blocks_per_order(self) -> list[int]:
         return self.free
+
+    def hopeless_pageblocks(self) -> npt.NDArray[np.bool_] | None:
+        return self.hopeless
 
 
 @dataclass
@@ -109,6 +115,7 @@ async def compact_remote(
             # Our view went stale (the pool changed under us): look again, keep the scanners.
             fresh = SnapshotView.from_reply(await core.call("snapshot", {}))
             snap.flags, snap.pageblock_mt, snap.free = fresh.flags, fresh.pageblock_mt, fresh.free
+            snap.hopeless = fresh.hopeless
             policy.forget_targets()
     s = policy.stats
     if stats is not None:
@@ -161,10 +168,17 @@ async def proactive_loop(
     read at every wake-up, as kcompactd reads the sysctl.
     """
     snap = await core.call("fragmentation", {})
-    kc = Kcompactd(_nr_pageblocks(snap), order=order)
+    kc = _kcompactd(snap, order)
     while True:
         await trio.sleep(interval)
         await kcompactd_wake(core, kc, proactiveness, stats, None)
+
+
+def _kcompactd(frag: dict[str, Any], order: int) -> Kcompactd:
+    reserve = frag.get("defrag_reserve", 0)
+    if not isinstance(reserve, int) or reserve < 0:
+        raise RuntimeError("the core sent a bad defrag_reserve")
+    return Kcompactd(_nr_pageblocks(frag), order=order, reserve=reserve)
 
 
 def _nr_pageblocks(frag: dict[str, Any]) -> int:
@@ -204,7 +218,7 @@ async def run_compactor(
             if once:
                 await compact_remote(core, order=-1, mode=MigrateMode.SYNC, stats=stats)
             elif model_clock:
-                kc = Kcompactd(_nr_pageblocks(await core.call("fragmentation", {})), order=order)
+                kc = _kcompactd(await core.call("fragmentation", {}), order)
                 await core.call("kcompactd", {"interval_s": interval})
                 await trio.sleep_forever()
             else:

@@ -38,10 +38,14 @@ class InprocBackend:
         self.mm = MemoryManager(workload.pool, design=design, costs=costs, content=content)
         self.clock = self.mm.clock
         self._cost_table = self.mm.costs.to_json()
-        self.driver = InprocDriver(self.mm, design, workload.gem_migratetype)
+        self.driver = InprocDriver(
+            self.mm, design, workload.gem_migratetype, workload.driver_policy
+        )
         c = workload.compactor
         self.mm.compaction_proactiveness = c.proactiveness
-        self.kcompactd = Kcompactd(self.mm.pool.nr_pageblocks, order=c.order)
+        self.kcompactd = Kcompactd(
+            self.mm.pool.nr_pageblocks, order=c.order, reserve=self.mm.defrag_reserve
+        )
         self.schedule = WakeSchedule(c.interval_s)
         self._next = 1
         self._objects: dict[Handle, DriverObject] = {}

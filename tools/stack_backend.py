@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from driver.gem import DriverPolicy
 from gemfs.control.client import SyncClient
 from gemfs.control.peer import CallError
 from gemfs.mm import OutOfMemory
@@ -80,7 +81,9 @@ class Stack:
         model_clock: bool = False,
         gem_migratetype: MigrateType | None = None,
         allow_uids: Sequence[int] = (),
+        driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
     ) -> None:
+        self.driver_policy = driver_policy
         self.design = design
         self.allow_uids = list(allow_uids)
         self.workdir = Path(tempfile.mkdtemp(prefix="gemfs-stack-"))
@@ -158,6 +161,8 @@ class Stack:
         cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
         if self.gem_migratetype is not None:
             cmd += ["--migratetype", self.gem_migratetype.name.lower()]
+        if self.driver_policy is not DriverPolicy.WAIT_IDLE:
+            cmd += ["--policy", self.driver_policy.value]
         return cmd
 
     def driver_proc(self) -> subprocess.Popen[bytes]:
@@ -274,6 +279,7 @@ class StackBackend:
             interval_ms=c.interval_s * 1000,
             model_clock=True,
             gem_migratetype=workload.gem_migratetype,
+            driver_policy=workload.driver_policy,
         )
         self.core, self.drv = self.stack.core, self.stack.drv
         self.mountpoint = self.stack.mountpoint

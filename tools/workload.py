@@ -13,6 +13,8 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
 
     [driver]                        # optional: GEM pages' migrate type instead of the design's
     migratetype = "movable"         #   unmovable | movable | reclaimable (an ablation)
+    policy = "i915-2016"            #   the migrate callback: wait-idle (default) | i915-2016 |
+                                    #   per-page-flush (sets flush_page_us unless [costs] does)
 
     [compactor]                     # kcompactd's settings (all optional)
     proactiveness = 20              # 0..100 (vm.compaction_proactiveness); 0: none
@@ -75,6 +77,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from driver.gem import DriverPolicy
 from gemfs.mm.contig import MAX_CONTIG_ORDER
 from gemfs.mm.costs import CostTable
 from gemfs.mm.pool import check_pool_size
@@ -319,6 +322,16 @@ class Workload:
     # [driver] migratetype: the GEM pages' migrate type instead of the design's (an ablation:
     # e.g. pinned GEM pages in MOVABLE or UNMOVABLE pageblocks instead of i915's RECLAIMABLE)
     gem_migratetype: MigrateType | None = None
+    # [driver] policy: what the driver's migrate callback does (driver.gem.DriverPolicy)
+    driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE
+
+    def with_driver_policy(self, policy: DriverPolicy) -> Workload:
+        """The workload with another driver policy; the cost-table entries the policy implies
+        (per-page-flush: flush_page_us) replace its old policy's, unless [costs] set them."""
+        old = dict(self.driver_policy.costs)
+        costs = {k: v for k, v in self.costs if not (k in old and v == old[k])}
+        costs = {**policy.costs, **costs}
+        return dataclasses.replace(self, driver_policy=policy, costs=tuple(costs.items()))
 
     @property
     def pool_pages(self) -> int:
@@ -843,12 +856,16 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         ct.allow(known)
         costs = tuple((k, ct.float_(k, lo=0.0, hi=1e9)) for k in known if ct.has(k))
     gem_mt: MigrateType | None = None
+    policy = DriverPolicy.WAIT_IDLE
     if top.has("driver"):
         dt = top.table("driver", "[driver]")
-        dt.allow(("migratetype",))
-        gem_mt = MigrateType.parse(
-            dt.choice("migratetype", tuple(m.name.lower() for m in MigrateType))
-        )
+        dt.allow(("migratetype", "policy"))
+        if dt.has("migratetype"):
+            gem_mt = MigrateType.parse(
+                dt.choice("migratetype", tuple(m.name.lower() for m in MigrateType))
+            )
+        if dt.has("policy"):
+            policy = DriverPolicy.parse(dt.choice("policy", tuple(p.value for p in DriverPolicy)))
     raw_phases = top.raw("phase")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise top.error("phase", "phase must be one or more [[phase]] tables")
@@ -865,7 +882,7 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
         phases=phases,
         costs=costs,
         gem_migratetype=gem_mt,
-    )
+    ).with_driver_policy(policy)
 
 
 def load_workload(path: str | Path) -> Workload:

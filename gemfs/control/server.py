@@ -106,11 +106,18 @@ def _time(args: dict[str, Any], key: str, default: float) -> float:
     return float(v)
 
 
-def _waited(r: dict[str, Any]) -> float:
-    w = r.get("waited_s", 0.0)
+def _waited(r: dict[str, Any], key: str = "waited_s") -> float:
+    w = r.get(key, 0.0)
     if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w < 1e9:
-        raise CallError("EPROTO", "waited_s must be a number of seconds >= 0")
+        raise CallError("EPROTO", f"{key} must be a number of seconds >= 0")
     return float(w)
+
+
+def _dropped(r: dict[str, Any], n: int) -> tuple[bool, ...]:
+    d = r.get("dropped", [])
+    if not isinstance(d, list) or (d and len(d) != n) or not all(isinstance(x, bool) for x in d):
+        raise CallError("EPROTO", "dropped must be a list of booleans, one per object")
+    return tuple(d)
 
 
 def _mode(args: dict[str, Any]) -> MigrateMode:
@@ -331,12 +338,21 @@ class ControlServer:
                         mt = MigrateType.parse(str(args["mt"]))
                     except ValueError as e:
                         raise _err(errno.EINVAL, str(e)) from None
+                # A driver's object is private before it gets pages (TTM allocates those).
+                later = mt is not None or role == "driver"
                 try:
-                    obj = self.kernel.create_file(path, 0 if mt else size, c.uid, c.gid, 0o644)
+                    obj = self.kernel.create_file(path, 0 if later else size, c.uid, c.gid, 0o644)
+                    obj.private = role == "driver"
                     if mt is not None:  # e.g. a page-cache file that is not GEM memory
                         obj.migratetype = mt
-                        mm.truncate(obj, size)
-                        mm.populate(obj, 0, obj.nr_pages)
+                    if later:
+                        try:
+                            mm.truncate(obj, size)
+                            mm.populate(obj, 0, obj.nr_pages)
+                        except OutOfMemory:  # as create_object: no file is left behind
+                            mm.truncate(obj, 0)
+                            self.kernel.unlink(path)
+                            raise
                 except OutOfMemory as e:
                     raise _err(errno.ENOSPC, str(e)) from None
                 except ObjectError as e:  # EEXIST, ENOENT, ENOTDIR, ENAMETOOLONG, EACCES, ...
@@ -345,7 +361,6 @@ class ControlServer:
                     raise _err(e.errno or errno.EIO, str(e)) from None
                 state.owned.add(obj.id)
                 obj.owner_tag = peer.name
-                obj.private = role == "driver"  # a driver's object, not the system's page cache
                 return {"obj": obj.id, "path": self.kernel.path_of(obj), "pages": obj.nr_pages}
             case "open" if role in ("driver", "client"):
                 path = _str(args, "path")
@@ -415,12 +430,16 @@ class ControlServer:
                 return 0
             case "snapshot":
                 pool = mm.pool
-                return {
+                snap: dict[str, Any] = {
                     "nr_pages": pool.nr_pages,
                     "flags": pool.flags.tobytes(),
                     "pageblock_mt": pool.pageblock_mt.tobytes(),
                     "free": mm.free_blocks_per_order(),
                 }
+                hopeless = mm.hopeless_pageblocks()
+                if hopeless is not None:  # illuminator: blocks compaction passes over
+                    snap["hopeless"] = hopeless.astype(np.uint8).tobytes()
+                return snap
             case "migrate" if role in ("compactor", "client"):
                 src = _pfns(args, "src", 1 << 16)
                 dst = _pfns(args, "dst", 1 << 16)
@@ -448,6 +467,7 @@ class ControlServer:
                     "score": mm.fragmentation_score(),
                     "proactiveness": mm.compaction_proactiveness,
                     "nr_pageblocks": mm.pool.nr_pageblocks,
+                    "defrag_reserve": mm.defrag_reserve,  # kcompactd's pageblock reserve
                 }
             case "frames":
                 obj = self._owned(state, args) if role != "client" else self._any(args)
@@ -675,7 +695,12 @@ class ControlServer:
             parsed = tuple(arrays.results(g) for g in got)
             if any(len(a) != len(p.idx) for a, p in zip(parsed, ask.parts, strict=True)):
                 raise CallError("EPROTO", "migrate answer has the wrong shape")
-            return Answer(results=parsed, waited_s=_waited(r))
+            return Answer(
+                results=parsed,
+                waited_s=_waited(r),
+                lock_s=_waited(r, "lock_s"),
+                dropped=_dropped(r, len(ask.parts)),
+            )
         except CallError as e:
             if e.errno == "ETIMEDOUT":
                 return Answer.failure("timeout")

@@ -136,18 +136,27 @@ class BuddyAllocator:
                 return int(fmt), can_steal_fallback(order, start_mt)
         return NIL, False
 
-    def _rmqueue_fallback(self, order: int, start_mt: MigrateType) -> bool:
-        """__rmqueue_fallback(): move a block of another type to start_mt's lists."""
+    def _rmqueue_fallback(
+        self, order: int, start_mt: MigrateType, nofragment: bool = False
+    ) -> bool:
+        """__rmqueue_fallback(): move a block of another type to start_mt's lists.
+
+        ``nofragment`` (ALLOC_NOFRAGMENT, always set under vm.defrag_mode): only a whole free
+        pageblock of another type may be claimed (6.15 __rmqueue_claim's min_order), never
+        part of one (no __rmqueue_steal)."""
         found = NIL
         can_steal = False
         current = MAX_ORDER
-        while current >= order:
+        lowest = max(order, PAGEBLOCK_ORDER) if nofragment else order
+        while current >= lowest:
             found, can_steal = self._find_suitable_fallback(current, start_mt)
             if found != NIL:
                 if not can_steal and start_mt == MigrateType.MOVABLE and current > order:
                     found = NIL  # don't break up a large block for a movable request
                 break
             current -= 1
+        if found == NIL and nofragment:
+            return False
         if found == NIL:  # find_smallest
             for current in range(order, NR_ORDERS):
                 found, can_steal = self._find_suitable_fallback(current, start_mt)
@@ -204,19 +213,19 @@ class BuddyAllocator:
         movable = int(np.count_nonzero((fl & (PG_ALLOC | PG_MT_MASK)) == movable_bits))
         return free_pages, movable
 
-    def alloc(self, order: int, mt: MigrateType) -> int:
+    def alloc(self, order: int, mt: MigrateType, *, nofragment: bool = False) -> int:
         """Allocate one block of 2**order frames (__rmqueue); raise OutOfMemory."""
         if not 0 <= order <= MAX_ORDER:
             raise ValueError(f"order {order} out of range 0..{MAX_ORDER}")
         pfn = self._rmqueue_smallest(order, mt)
         while pfn == NIL:
-            if not self._rmqueue_fallback(order, mt):
+            if not self._rmqueue_fallback(order, mt, nofragment):
                 raise OutOfMemory(f"no free block of order {order}")
             pfn = self._rmqueue_smallest(order, mt)
         self._mark_allocated(pfn, 1 << order, mt)
         return pfn
 
-    def alloc_bulk(self, nr_pages: int, mt: MigrateType) -> I64:
+    def alloc_bulk(self, nr_pages: int, mt: MigrateType, *, nofragment: bool = False) -> I64:
         """Allocate nr_pages order-0 pages as a run of single-page requests would get them.
 
         Repeated order-0 requests consume the smallest free block first and walk it upward;
@@ -234,7 +243,7 @@ class BuddyAllocator:
                         pfn, order = self.head[o][mt], o
                         break
                 if pfn == NIL:
-                    if not self._rmqueue_fallback(0, mt):
+                    if not self._rmqueue_fallback(0, mt, nofragment):
                         raise OutOfMemory(f"pool full: {need} more pages wanted")
                     continue
                 self._del(pfn)

@@ -77,6 +77,10 @@ class PoolView(Protocol):
 
     def free_blocks_per_order(self) -> list[int]: ...
 
+    def hopeless_pageblocks(self) -> npt.NDArray[np.bool_] | None:
+        """Illuminator: pageblocks holding a page that cannot move (None: not tracked)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Batch:
@@ -99,6 +103,7 @@ class CompactStats:
     migrate_blocks: int = 0  # pageblocks the migrate scanner scanned
     free_blocks: int = 0  # pageblocks the free scanner scanned
     skipped_blocks: int = 0  # pageblocks passed over because of their skip bit
+    hopeless_blocks: int = 0  # pageblocks passed over because they cannot be emptied
     fast_migrate_found: int = 0  # fast_find_migrateblock jumps
     fast_free_found: int = 0  # fast_isolate_freepages hits
     free_isolated: int = 0  # free pages taken as targets (part of compact_isolated)
@@ -297,6 +302,7 @@ class CompactionPolicy:
     order: int = -1
     mode: MigrateMode = MigrateMode.SYNC
     proactiveness: int | None = None  # set: proactive compaction down to the low watermark
+    target_blocks: int = 1  # SUCCESS when this many free blocks of ``order`` exist (defrag_mode)
     ignore_block_suitable: bool = False
     migrate_block: int = 0
     free_block: int = -1
@@ -370,8 +376,13 @@ class CompactionPolicy:
             low, _ = proactive_watermarks(self.proactiveness)
             if fragmentation_score(free) <= low:
                 return CompactResult.SUCCESS
-        elif self.order >= 0 and any(free[o] for o in range(self.order, NR_ORDERS)):
-            return CompactResult.SUCCESS
+        elif self.order >= 0 and self.target_blocks <= 1:
+            if any(free[o] for o in range(self.order, NR_ORDERS)):
+                return CompactResult.SUCCESS
+        elif self.order >= 0:
+            units = sum(free[o] << (o - self.order) for o in range(self.order, NR_ORDERS))
+            if units >= self.target_blocks:
+                return CompactResult.SUCCESS
         return CompactResult.CONTINUE
 
     def _finish(self) -> None:
@@ -485,11 +496,16 @@ class CompactionPolicy:
         self.migrate_block = first
         st = self.state
         mts = view.pageblock_mt
+        hopeless = view.hopeless_pageblocks()
         while self.migrate_block < self.free_block:
             b = self.migrate_block
             self.migrate_block += 1
             if not fast_found and not self._isolation_suitable(b):
                 self.stats.skipped_blocks += 1
+                continue
+            if hopeless is not None and hopeless[b]:  # Illuminator: it cannot be emptied
+                self.stats.hopeless_blocks += 1
+                fast_found = False
                 continue
             fast_found = False
             if not self._source_ok(int(mts[b])):

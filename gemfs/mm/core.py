@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ from gemfs.mm.compaction import (
 )
 from gemfs.mm.contig import ContigPolicy
 from gemfs.mm.costs import Clock, CostTable, LatencySketch, Ledger, Task
+from gemfs.mm.illuminator import PageblockCounts
 from gemfs.mm.migrate import Answer, Ask, Migrated, Migration
 from gemfs.mm.objects import GemObject
 from gemfs.mm.ops import Owner, Results
@@ -42,6 +43,7 @@ from gemfs.mm.pool import (
     Bools,
     PagePool,
 )
+from gemfs.mm.ttm import TtmPool
 from gemfs.mm.types import (
     MAX_ORDER,
     NR_MIGRATETYPES,
@@ -70,7 +72,8 @@ EAGAIN = errno.EAGAIN
 EBUSY = errno.EBUSY
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
 
-ContentListener = Callable[[GemObject, int, int], None]  # (object, first page, page count)
+ContentListener = Callable[[GemObject, int, int], None]
+T = TypeVar("T")  # (object, first page, page count)
 
 
 class ObjectError(Exception):
@@ -174,6 +177,23 @@ class MemoryManager:
         self.nr_gem_pinned = 0
         self.nr_kernel_pages = 0
         self.compact_state = ZoneCompactState(self.pool.nr_pageblocks)
+        # pinned-ttm: the driver's objects get their pages through TTM's pools (page_pool_size
+        # defaults to half of memory, ttm_pool_mgr_init()).
+        self.ttm: TtmPool | None = None
+        if self.design is Design.PINNED_TTM:
+            self.ttm = TtmPool(self, limit=self.pool.nr_pages // 2)
+        self.watermarks = page_alloc.watermarks(self.pool.nr_pages)
+        # defrag-mode (vm.defrag_mode, 6.15): no allocation takes part of another type's
+        # pageblock until reclaim and compaction have had their turn; kcompactd keeps the high
+        # watermark in whole free pageblocks (defrag_reserve)
+        self.defrag_mode = self.design is Design.DEFRAG_MODE
+        self.defrag_reserve = (
+            -(-self.watermarks.high // PAGEBLOCK_NR_PAGES) if self.defrag_mode else 0
+        )
+        # illuminator: per-pageblock counts of pages compaction cannot move
+        self.pb_counts: PageblockCounts | None = None
+        if self.design is Design.ILLUMINATOR:
+            self.pb_counts = PageblockCounts(self.pool.nr_pageblocks)
 
     def close(self) -> None:
         self.pool.close()
@@ -194,10 +214,16 @@ class MemoryManager:
 
     # -- objects ----------------------------------------------------------------------------
     def create_object(
-        self, size: int = 0, *, migratetype: MigrateType | None = None, path: str = ""
+        self,
+        size: int = 0,
+        *,
+        migratetype: MigrateType | None = None,
+        path: str = "",
+        private: bool = False,
     ) -> GemObject:
+        """A new object of ``size`` bytes, populated; ``private``: a driver's (GEM) object."""
         mt = self.design.gem_migratetype if migratetype is None else migratetype
-        obj = GemObject(id=ObjId(self._next_id), migratetype=mt, path=path)
+        obj = GemObject(id=ObjId(self._next_id), migratetype=mt, path=path, private=private)
         self._next_id += 1
         self.objects[obj.id] = obj
         if size:
@@ -218,15 +244,32 @@ class MemoryManager:
     def destroy_object(self, obj: GemObject) -> None:
         """Free every frame of the object (pins are dropped: the owner is gone)."""
         _idx, pfns = obj.resident()
-        if len(pfns):
+        if len(pfns) and self.ttm is not None and obj.private:
+            # TTM: the object's intact blocks go to the page pools, the rest to the buddy
+            self._pins_gone(pfns)
+            self.nr_gem_pages -= len(pfns)
+            pooled = self.ttm.give_back(obj.id)
+            rest = np.setdiff1d(pfns, pooled, assume_unique=True)
+            if len(rest):
+                self.pool.pin[rest] = 0
+                self.buddy.free_pfns(rest)
+                self.vmstat.inc("pgfree", len(rest))
+        elif len(pfns):
             self._release_frames(pfns)
         obj.pages = np.empty(0, dtype=np.int64)
         obj.size = 0
         self.objects.pop(obj.id, None)
         self.pins.drop_object(obj.id)
 
+    def _pins_gone(self, pfns: I64) -> None:
+        """These object frames are being freed with whatever pins they had."""
+        pinned = pfns[self.pool.pin[pfns] > 0]
+        self.nr_gem_pinned -= len(pinned)
+        if self.pb_counts is not None:
+            self.pb_counts.pins(pinned, -1)
+
     def _release_frames(self, pfns: I64) -> None:
-        self.nr_gem_pinned -= int(np.count_nonzero(self.pool.pin[pfns]))
+        self._pins_gone(pfns)
         self.nr_gem_pages -= len(pfns)
         self.pool.pin[pfns] = 0
         self.buddy.free_pfns(pfns)
@@ -248,8 +291,12 @@ class MemoryManager:
         seg = obj.pages[start:end]
         holes = np.flatnonzero(seg < 0)
         if len(holes):
-            pfns = self.buddy.alloc_bulk(len(holes), obj.migratetype)
-            self.vmstat.inc("pgalloc", len(pfns))
+            if self.ttm is not None and obj.private:
+                pfns = self.ttm.alloc(obj.id, len(holes))  # counts its own pgalloc
+            else:
+                pfns = self._alloc_bulk(len(holes), obj.migratetype)
+                self.vmstat.inc("pgalloc", len(pfns))
+            self.kswapd_shrink()
             p = self.pool
             if zero:
                 p.frames[pfns] = 0
@@ -260,6 +307,62 @@ class MemoryManager:
             seg[holes] = pfns
             obj.pages[start:end] = seg
         return seg
+
+    def _alloc_bulk(self, nr_pages: int, mt: MigrateType) -> I64:
+        """Order-0 pages from the buddy; when it has too few, reclaim (the shrinkers) once."""
+        if self.defrag_mode:
+            return self._defrag_alloc(lambda nf: self.buddy.alloc_bulk(nr_pages, mt, nofragment=nf))
+        try:
+            return self.buddy.alloc_bulk(nr_pages, mt)
+        except OutOfMemory:
+            if self.shrink_slab(nr_pages - self.buddy.free_pages) == 0:
+                raise
+        return self.buddy.alloc_bulk(nr_pages, mt)
+
+    def _defrag_alloc(self, alloc: Callable[[bool], T]) -> T:
+        """vm.defrag_mode's slow path for a request below pageblock order: ALLOC_NOFRAGMENT
+        first (a whole free pageblock of another type may be claimed, none split); when that
+        fails, reclaim (the shrinkers) and direct compaction for a free pageblock (SYNC_LIGHT,
+        the zone's deferral and suitability rules) have their turn; only then the request
+        falls back as without defrag_mode ("reclaim/compaction failed to prevent the
+        fallback", counted in defrag_mode_fallback)."""
+        try:
+            return alloc(True)
+        except OutOfMemory:
+            pass
+        self.shrink_slab(page_alloc.compact_gap(PAGEBLOCK_ORDER))
+        self.vmstat.inc("defrag_mode_compact")
+        compacting = page_alloc.try_to_compact_pages(
+            self, PAGEBLOCK_ORDER, MigrateType.MOVABLE, page_alloc.DEF_COMPACT_PRIORITY
+        )
+        try:
+            policy = next(compacting)
+            while True:
+                policy = compacting.send(self.run_policy(policy))
+        except StopIteration:
+            pass
+        try:
+            return alloc(True)
+        except OutOfMemory:
+            self.vmstat.inc("defrag_mode_fallback")
+        return alloc(False)
+
+    def kswapd_shrink(self) -> int:
+        """Memory pressure without a failure: below the low watermark kswapd wakes and
+        reclaims up to the high one; the model's only reclaimable memory is the shrinkers'."""
+        if self.ttm is None:
+            return 0
+        free, wm = self.buddy.free_pages, self.watermarks
+        if free >= wm.low:
+            return 0
+        return self.shrink_slab(wm.high - free)
+
+    def shrink_slab(self, nr_pages: int) -> int:
+        """Reclaim's call to the shrinkers (shrink_slab()): ask them to free at least
+        ``nr_pages`` pages; the pages freed. The only shrinker modelled is TTM's page pool."""
+        if self.ttm is None or nr_pages <= 0:
+            return 0
+        return self.ttm.shrink(nr_pages)
 
     def truncate(self, obj: GemObject, size: int) -> None:
         """Set the file size; shrinking frees the frames past the end (pinned: EBUSY).
@@ -386,7 +489,11 @@ class MemoryManager:
         if len(pfns) == 0:
             return
         pin = self.pool.pin
-        self.nr_gem_pinned += int(np.count_nonzero(pin[np.unique(pfns)] == 0))
+        u = np.unique(pfns)
+        fresh = u[pin[u] == 0]
+        self.nr_gem_pinned += len(fresh)
+        if self.pb_counts is not None:
+            self.pb_counts.pins(fresh, 1)
         np.add.at(pin, pfns, 1)
 
     def unpin_pages(self, pfns: I64) -> None:
@@ -396,7 +503,11 @@ class MemoryManager:
         if np.any(pin[pfns] == 0):
             raise ObjectError(errno.EINVAL, "unpin of a page that is not pinned")
         np.subtract.at(pin, pfns, 1)
-        self.nr_gem_pinned -= int(np.count_nonzero(pin[np.unique(pfns)] == 0))
+        u = np.unique(pfns)
+        gone = u[pin[u] == 0]
+        self.nr_gem_pinned -= len(gone)
+        if self.pb_counts is not None:
+            self.pb_counts.pins(gone, -1)
 
     def pinned_pages(self, obj: GemObject) -> int:
         _, pfns = obj.resident()
@@ -471,16 +582,24 @@ class MemoryManager:
 
     # -- kernel allocations (noise, high-order probes) ----------------------------------------
     def alloc_kernel(self, order: int, mt: MigrateType) -> int:
-        pfn = self.buddy.alloc(order, mt)
+        if self.defrag_mode and order < PAGEBLOCK_ORDER:
+            pfn = self._defrag_alloc(lambda nf: self.buddy.alloc(order, mt, nofragment=nf))
+        else:
+            pfn = self.buddy.alloc(order, mt)
         self.pool.owner[pfn : pfn + (1 << order)] = OWNER_KERNEL
         self.kernel_pages[pfn] = order
         self.nr_kernel_pages += 1 << order
+        if self.pb_counts is not None:
+            self.pb_counts.kernel(pfn, 1 << order, 1)
         self.vmstat.inc("pgalloc", 1 << order)
+        self.kswapd_shrink()
         return pfn
 
     def free_kernel(self, pfn: int) -> None:
         order = self.kernel_pages.pop(pfn)
         self.nr_kernel_pages -= 1 << order
+        if self.pb_counts is not None:
+            self.pb_counts.kernel(pfn, 1 << order, -1)
         self.buddy.free_pfns(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
         self.vmstat.inc("pgfree", 1 << order)
 
@@ -644,6 +763,10 @@ class MemoryManager:
     # -- compaction -------------------------------------------------------------------------
     def free_blocks_per_order(self) -> list[int]:
         return self.buddy.free_blocks_per_order()
+
+    def hopeless_pageblocks(self) -> npt.NDArray[np.bool_] | None:
+        """illuminator: the pageblocks compaction passes over (None under other designs)."""
+        return self.pb_counts.hopeless() if self.pb_counts is not None else None
 
     @property
     def flags(self) -> npt.NDArray[np.uint8]:
@@ -810,6 +933,8 @@ class MemoryManager:
         p.touch(start, n)
         self.kernel_pages[start] = policy.order
         self.nr_kernel_pages += n
+        if self.pb_counts is not None:
+            self.pb_counts.kernel(start, n, 1)
         v.inc("pgalloc", n)
         v.inc("contig_alloc_success")
         return start
@@ -896,6 +1021,23 @@ class MemoryManager:
         pinned = int(np.count_nonzero(obj_pages & (p.pin > 0)))
         assert self.nr_gem_pinned == pinned, "nr_gem_pinned drifted"
         kernel = sum(1 << o for o in self.kernel_pages.values())
+        if self.pb_counts is not None:
+            want_pinned = np.bincount(
+                np.flatnonzero(obj_pages & (p.pin > 0)) >> PAGEBLOCK_ORDER,
+                minlength=p.nr_pageblocks,
+            )
+            assert np.array_equal(self.pb_counts.pinned, want_pinned), "pinned counts drifted"
+            want_kernel = np.zeros(p.nr_pageblocks, dtype=np.int64)
+            for pfn, o in self.kernel_pages.items():
+                np.add.at(want_kernel, np.arange(pfn, pfn + (1 << o)) >> PAGEBLOCK_ORDER, 1)
+            assert np.array_equal(self.pb_counts.unmovable, want_kernel), "kernel counts drifted"
+
+        if self.ttm is not None:
+            pooled = self.ttm.pooled()
+            assert sum(1 << o for _, o in pooled) == self.ttm.pooled_pages, "TTM pool drifted"
+            for pfn, o in pooled:
+                assert np.all(p.owner[pfn : pfn + (1 << o)] == OWNER_KERNEL), "TTM frame owned"
+            kernel += self.ttm.pooled_pages
         assert self.nr_kernel_pages == kernel, "nr_kernel_pages drifted"
         stale = p.pb_dirty.copy()
         p.pb_dirty[:] = True  # recompute every pageblock and compare with what was kept

@@ -70,7 +70,9 @@ COST_SOURCES: dict[str, str] = {
     "callback_us": "one call of the owner's migrate/invalidate callback (indirect call, the "
     "driver's object lock). Estimate; the 2016 patch bounded its struct_mutex trylock at ~10 ms",
     "flush_page_us": "GPU cache flush per migrated page: 0 for i915 (coherent); a Mali developer "
-    "(2016 thread) needs an L2 flush+invalidate per page -- set it for such GPUs",
+    "(2016 thread) needs an L2 flush+invalidate per page -- set it for such GPUs; the "
+    "per-page-flush driver policy sets 5 µs (an estimate: Mali's FLUSH_MEM command issued and "
+    "polled per page, driver/gem.py MALI_FLUSH_PAGE_US; no published figure found)",
     "pin_call_us": "pin (register) host memory for a GPU, per call: ~40 µs, measured on an "
     "NVIDIA H100 with driver 580 (2026)",
     "pin_page_us": "pin per 4 KiB page: ~0.15 µs (the same H100 measurement)",

@@ -13,6 +13,10 @@ control socket) before asking for the next:
   is above the high watermark, compact (SYNC_LIGHT) down to the low one; a pass that does not
   lower the score defers the next 1, 2, 4 ... 32 wakes (kcompactd's ``proactive_defer``).
 
+- ``reserve`` > 0 (vm.defrag_mode, 6.15: kswapd and kcompactd keep the high watermark in whole
+  free pageblocks): when fewer free pageblocks exist, compact for pageblock order until that
+  many do (SYNC_LIGHT); deferred like the ``order`` wake.
+
 Counters go to :attr:`Kcompactd.counters` (vmstat names) for the caller to add to the pool's.
 """
 
@@ -22,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from gemfs.mm.compaction import CompactionPolicy
-from gemfs.mm.types import NR_ORDERS, MigrateMode
+from gemfs.mm.types import NR_ORDERS, PAGEBLOCK_ORDER, MigrateMode
 from gemfs.mm.vmstat import fragmentation_score, proactive_watermarks
 
 MAX_DEFER = 32  # wakes to skip at most after a pass that made no progress
@@ -52,6 +56,11 @@ class WakeSchedule:
                 self.next_wake = at + self.interval_s
 
 
+def _units(free: list[int], order: int) -> int:
+    """Free blocks of at least ``order``, counted in order-sized units."""
+    return sum(free[o] << (o - order) for o in range(order, NR_ORDERS))
+
+
 def _has_block(free: list[int], order: int) -> bool:
     return any(free[o] for o in range(order, NR_ORDERS))
 
@@ -65,6 +74,9 @@ class Kcompactd:
     backoff: int = 1
     order_defer: int = 0
     order_backoff: int = 1
+    reserve: int = 0  # defrag_mode: free pageblocks to keep (0: off)
+    reserve_defer: int = 0
+    reserve_backoff: int = 1
 
     def _inc(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -90,6 +102,25 @@ class Kcompactd:
                 else:
                     self.order_defer = self.order_backoff
                     self.order_backoff = min(self.order_backoff * 2, MAX_DEFER)
+        if self.reserve and _units(free_blocks(), PAGEBLOCK_ORDER) < self.reserve:
+            if self.reserve_defer:
+                self.reserve_defer -= 1
+            else:
+                before = _units(free_blocks(), PAGEBLOCK_ORDER)
+                self._inc("compact_daemon_defrag_reserve")
+                policy = CompactionPolicy(
+                    self.nr_pageblocks,
+                    order=PAGEBLOCK_ORDER,
+                    mode=MigrateMode.SYNC_LIGHT,
+                    target_blocks=self.reserve,
+                )
+                yield policy
+                self._daemon_scanned(policy)
+                if _units(free_blocks(), PAGEBLOCK_ORDER) > before:
+                    self.reserve_backoff = 1
+                else:
+                    self.reserve_defer = self.reserve_backoff
+                    self.reserve_backoff = min(self.reserve_backoff * 2, MAX_DEFER)
         if self.defer:
             self.defer -= 1
             return

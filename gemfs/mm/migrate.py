@@ -83,13 +83,20 @@ Ask = AskMigrate | AskInvalidate
 @dataclass(frozen=True, slots=True)
 class Answer:
     """An owner's reply. ``results`` per part of an AskMigrate (0: stopped using the page, it
-    may move; -EAGAIN: busy; -errno: never); ``rc`` for an AskInvalidate (0 done, -EAGAIN
-    busy); ``waited_s`` modelled seconds it waited for its GPU; ``failed``: no usable answer
-    (a timeout, a dead owner, a malformed reply) -- every page stays where it is."""
+    may move; -EAGAIN: busy, retry later; -EBUSY: refused this time, as migrate_pages treats
+    any error but -EAGAIN: the page stays and the pass moves on; other -errno: never); ``rc``
+    for an AskInvalidate (0 done, -EAGAIN busy); ``waited_s`` modelled seconds it waited for its
+    GPU (a stall); ``lock_s`` modelled seconds the callback spent on the driver's own lock (the
+    migrating task's time, not a GPU stall); ``dropped`` per part: the owner dropped the
+    object's whole backing store (every pin it held on the object goes, and its next use
+    re-faults every page: i915-2016); ``failed``: no usable answer (a timeout, a dead owner, a
+    malformed reply) -- every page stays where it is."""
 
     results: tuple[Results, ...] = ()
     rc: int = 0
     waited_s: float = 0.0
+    lock_s: float = 0.0
+    dropped: tuple[bool, ...] = ()
     failed: str = ""
 
     @classmethod
@@ -185,7 +192,11 @@ class Migration:
         else:
             mm.vmstat.inc("pgmigrate_aborted", sum(len(p.idx) for p in _parts(ask)))
         waited = max(0.0, ans.waited_s) if not ans.failed else 0.0
-        self._max_wait = max(self._max_wait, waited)
+        lock = max(0.0, ans.lock_s) if not ans.failed else 0.0
+        if lock:
+            mm.vmstat.inc("gem_callback_lock_us", round(lock * 1e6))
+        # the owners were asked at once: the task waits for the slowest (lock, then GPU)
+        self._max_wait = max(self._max_wait, waited + lock)
         if isinstance(ask, AskInvalidate):
             self._invalidated(ask, ans, waited)
             return None
@@ -202,8 +213,11 @@ class Migration:
             out = np.full(n, -EAGAIN, dtype=np.int32)
             if not ans.failed and k < len(ans.results) and len(ans.results[k]) == n:
                 out = np.asarray(ans.results[k], dtype=np.int32).copy()
+            mm.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(out == -EBUSY)))
             obj = part.obj
             alive = mm.objects.get(obj.id) is obj and mm.owner_of(obj)[0] is ask.owner
+            if alive and not ans.failed and k < len(ans.dropped) and ans.dropped[k]:
+                stall_us += self._drop(ask.owner, obj)
             consent = (out == 0) & alive
             if not alive:
                 out[out == 0] = -EBUSY
@@ -235,6 +249,21 @@ class Migration:
             notices.append((obj, part.idx, part.dst, moved))
         mm.ledger.gpu_stall_us += stall_us
         return Migrated(ask.owner, tuple(notices))
+
+    def _drop(self, owner: Owner, obj: GemObject) -> float:
+        """The owner dropped the object's backing store (i915 put_pages): every pin it held on
+        the object goes, remembered for the re-fault on its next use. The unpin is charged to
+        the task and as GPU stall (the object is unusable until re-faulted); returns its µs."""
+        mm = self.mm
+        c = mm.costs
+        mm.vmstat.inc("gem_objects_dropped")
+        dropped = mm.drop_holds(owner, obj, 0, len(obj.pages))
+        if not dropped:
+            return 0.0
+        us = c.unpin_call_us + c.unpin_page_us * dropped
+        mm.ledger.migration_us += us
+        self.task.charge(us)
+        return us
 
     def _invalidated(self, ask: AskInvalidate, ans: Answer, waited: float) -> None:
         mm = self.mm

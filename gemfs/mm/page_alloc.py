@@ -26,8 +26,11 @@ What is modelled, after ``__alloc_pages_slowpath()`` / ``__alloc_pages_direct_co
   allocation of a ``nr_hugepages`` write (__GFP_RETRY_MAYFAIL: async, then SYNC_LIGHT with the
   retry rules; the caller's loop stops at its first failure); ``kernel`` is a plain
   GFP_KERNEL-like request (no NORETRY, no RETRY_MAYFAIL).
-- Reclaim: the pool has no reclaimable memory of its own. A caller may pass ``reclaim``
-  (pages direct reclaim freed); without it reclaim makes no progress, so
+- Reclaim: the pool's only reclaimable memory is what its shrinkers hold (TTM's page pools
+  under ``pinned-ttm``): direct reclaim calls ``mm.shrink_slab`` for compact_gap(order) pages
+  (reclaim for a costly order with compaction goes on until that many are free:
+  should_continue_reclaim()). A caller may pass ``reclaim`` instead (pages direct reclaim
+  freed); when reclaim makes no progress
   ``should_compact_retry()`` is not reached (the kernel only asks it after progress) and
   ``should_reclaim_retry()`` is false (a high-order watermark needs a free block of the order).
   The model's allocations themselves ignore watermarks, as the rest of the model does.
@@ -295,7 +298,7 @@ def _slowpath(
         pfn = _try_alloc(mm, order, mt)
         if pfn is not None:
             return pfn
-        progress = reclaim(order) if reclaim is not None else 0
+        progress = reclaim(order) if reclaim is not None else mm.shrink_slab(compact_gap(order))
         if progress:
             pfn = _try_alloc(mm, order, mt)
             if pfn is not None:

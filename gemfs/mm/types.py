@@ -65,9 +65,14 @@ class MigrateMode(enum.IntEnum):
 
 
 class Design(enum.StrEnum):
-    """The four designs gemfs compares."""
+    """The designs gemfs compares: the status quo in its flavours, then the 2016 thread's."""
 
-    PINNED = "pinned"
+    PINNED = "pinned"  # i915: GFP_HIGHUSER | __GFP_RECLAIMABLE, pinned while bound
+    PINNED_UNMOVABLE = "pinned-unmovable"  # drm_gem_shmem: GFP_HIGHUSER, "kept pinned"
+    PINNED_TTM = "pinned-ttm"  # TTM: UNMOVABLE, highest order first, per-order page pools
+    PINNED_IN_MOVABLE = "pinned-in-movable"  # pins in MOVABLE blocks (userptr, no LONGTERM)
+    ILLUMINATOR = "illuminator"  # pinned (i915) + compaction skips blocks it cannot empty
+    DEFRAG_MODE = "defrag-mode"  # pinned (i915) + vm.defrag_mode (6.15) in the allocator
     SHMEM_HOOK = "shmem-hook"
     GEMFS = "gemfs"
     NOTIFIER = "notifier"
@@ -81,9 +86,26 @@ class Design(enum.StrEnum):
             raise ValueError(f"unknown design {text!r} (expected one of {names})") from None
 
     @property
+    def asks_owner(self) -> bool:
+        """Does the core ask the GEM pages' owner before moving them (hook, mount, notifier)?"""
+        return self in (Design.SHMEM_HOOK, Design.GEMFS, Design.NOTIFIER)
+
+    @property
     def gem_migratetype(self) -> MigrateType:
-        """GEM pages: RECLAIMABLE as i915 allocates them today; MOVABLE under the proposals."""
-        return MigrateType.RECLAIMABLE if self is Design.PINNED else MigrateType.MOVABLE
+        """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator and
+        defrag-mode, which change compaction and the allocator only), drm_gem_shmem and TTM
+        UNMOVABLE, MOVABLE for pins in movable blocks and under the proposals."""
+        return _GEM_MIGRATETYPE.get(self, MigrateType.MOVABLE)
+
+
+_GEM_MIGRATETYPE = {
+    Design.PINNED: MigrateType.RECLAIMABLE,
+    Design.PINNED_UNMOVABLE: MigrateType.UNMOVABLE,
+    Design.PINNED_TTM: MigrateType.UNMOVABLE,
+    Design.PINNED_IN_MOVABLE: MigrateType.MOVABLE,
+    Design.ILLUMINATOR: MigrateType.RECLAIMABLE,
+    Design.DEFRAG_MODE: MigrateType.RECLAIMABLE,
+}
 
 
 class OutOfMemory(Exception):

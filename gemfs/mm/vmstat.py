@@ -32,6 +32,7 @@ VMSTAT_COUNTERS = (
     "compact_daemon_wake",
     "compact_daemon_migrate_scanned",
     "compact_daemon_free_scanned",
+    "compact_daemon_defrag_reserve",  # defrag-mode: kcompactd passes for its pageblock reserve
     "proactive_compact_trigger",
     "thp_fault_alloc",  # a THP-fault-like allocation (alloc_high_order kind "thp") succeeded
     "thp_fault_fallback",  # ... failed: the fault would fall back to small pages
