@@ -13,10 +13,28 @@ def bench() -> None:
 @bench.command("mm")
 @click.option("--size", default="4GiB", show_default=True, help="Pool size for the main figures.")
 @click.option("--big", default="16GiB", show_default=True, help="Large pool that must run at all.")
-def bench_mm_cmd(size: str, big: str) -> None:
-    """Allocator, object allocation, migration and full-compaction speed of the model."""
+@click.option(
+    "--probes",
+    default=400,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Direct-compaction attempts per design on the fragmented pool.",
+)
+@click.option(
+    "--desktop",
+    "desktop",
+    multiple=True,
+    type=click.IntRange(1, 64),
+    help="Also play examples/desktop.toml scaled by this factor (pool and counts) under "
+    "pinned, in process, and print its CPU time (repeatable: --desktop 4 --desktop 16).",
+)
+def bench_mm_cmd(size: str, big: str, probes: int, desktop: tuple[int, ...]) -> None:
+    """Allocator, object allocation, migration, full and direct compaction speed of the model."""
+    from pathlib import Path
+
     from gemfs.mm.pool import check_pool_size
-    from tools.bench_mm import bench_mm
+    from gemfs.mm.types import Design
+    from tools.bench_mm import bench_direct_compaction, bench_mm, play_scaled
 
     for s in (size, big):
         try:
@@ -28,6 +46,25 @@ def bench_mm_cmd(size: str, big: str) -> None:
         if f.unit == "bytes/frame":
             value = f"{f.value:.1f}"
         click.echo(f"{f.name:<42} {value:>14} {f.unit:<12} {f.note}")
+    for design in (Design.PINNED, Design.SHMEM_HOOK):
+        p = bench_direct_compaction(size, design, probes)
+        note = (
+            f"{p.succeeded}/{p.attempts} got a block; per attempt "
+            f"{p.migrate_scanned // p.attempts:,} + {p.free_scanned // p.attempts:,} pages "
+            f"scanned, {p.migrated // p.attempts:,} moved"
+        )
+        name = f"direct compaction {size}, {design.value}"
+        click.echo(f"{name:<42} {p.rate:>14,.0f} {'attempts/s':<12} {note}")
+    examples = Path(__file__).resolve().parent.parent / "examples" / "desktop.toml"
+    times = {}
+    for factor in desktop:
+        cpu, got = play_scaled(examples, factor)
+        times[factor] = cpu
+        name = f"desktop x{factor}, pinned, in process"
+        click.echo(f"{name:<42} {cpu:>14,.1f} {'s CPU':<12} {got} probes got a block")
+    for a, b in zip(sorted(times), sorted(times)[1:], strict=False):
+        ratio = times[b] / times[a] if times[a] else float("inf")
+        click.echo(f"{f'desktop x{b} / x{a}':<42} {ratio:>14.2f} {'x':<12} pool x{b // a}")
 
 
 @bench.command("io")

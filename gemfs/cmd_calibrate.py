@@ -25,21 +25,29 @@ from tools.calibrate.compare import (
     write_json,
     write_plot,
 )
-from tools.calibrate.guest import SCENARIOS, GuestError, run_guest
+from tools.calibrate.guest import (
+    DEFAULT_SCENARIOS,
+    SCENARIOS,
+    GuestError,
+    KernelResult,
+    Scenario,
+    parse_pattern,
+    run_guest,
+)
 
-CALIBRATE_DEFAULTS = ("movable", "pinned", "mixed", "movable-64k")
+CALIBRATE_DEFAULTS = DEFAULT_SCENARIOS
 MIN_MEMORY_MIB = 128
 KNOBS_NOTE = {
     "kernel": (
-        "knobs from each scenario's kernel state before compaction (never its outcome): MemFree "
-        "at the start; background: the share of it free in non-movable pageblocks; offset: "
-        "where the chunk stream starts (pages, mod the chunk size) so the holes split into the "
-        "orders the kernel shows. The kernel does not show which half of a pageblock the stream "
-        "started in; where that matters (mixed) the model plays both phases."
+        "knobs from each boot's kernel state before compaction (never its outcome): MemFree at "
+        "the start; background: the share of it free in non-movable pageblocks; phase: where "
+        "the chunk stream starts in its pageblock, read by the guest program from "
+        "/proc/self/pagemap. Model seeds draw only when kswapd has gone to sleep during the "
+        "hugepage loop (tools/calibrate/model.py)."
     ),
     "default": (
         "knobs: built-in defaults measured on Debian 6.1, 512 MiB, TCG (see "
-        "tools/calibrate/model.py); the model plays both phases where that matters (mixed)."
+        "tools/calibrate/model.py)."
     ),
 }
 
@@ -62,29 +70,47 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(e), ctx, param) from None
 
 
+def _patterns(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Scenario]:
+    out = []
+    for i, text in enumerate(value, 1):
+        try:
+            out.append(parse_pattern(text, f"pattern-{i}"))
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return out
+
+
 def comparison_table(comparisons: Sequence[Comparison], title: str) -> Table:
-    """Two rows per scenario (kernel, model); fractions are of the ideal, free pages // 512."""
+    """Two rows per scenario (kernel over boots, model over boots × seeds): mean [range] of the
+    fractions of the ideal (free pages // 512)."""
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("scenario", no_wrap=True)
     t.add_column("side")
+    t.add_column("n", justify="right")
     for name in ("before", "after", "recovered", "hugepages"):
         t.add_column(name, justify="right")
     t.add_column("blocked", justify="center")
     t.add_column("verdict")
     for c in comparisons:
-        for side, s in (("kernel", c.kernel_shape), ("model", c.model_shape)):
+        compacted = c.kernel.scenario.compact
+        sides = (
+            ("kernel", c.kernel_spread, c.kernel_shape),
+            ("model", c.model_spread, c.model_shape),
+        )
+        for side, sp, mean in sides:
             verdict = ""
             if side == "model":
                 style = "green" if c.agree else "bold red"
-                verdict = f"[{style}]{c.verdict}[/]" + (" (other phase)" if c.other_phase else "")
+                verdict = f"[{style}]{c.verdict}[/]"
             t.add_row(
                 c.name if side == "kernel" else "",
                 side,
-                f"{s.fraction_before:.2f}",
-                f"{s.fraction_after:.2f}",
-                f"{s.recovered_fraction:.2f}",
-                f"{s.hugepages}/{s.ideal_order9}",
-                ("yes" if s.blocked else "no") if c.kernel.scenario.compact else "-",
+                str(sp["fraction_before"].n),
+                sp["fraction_before"].text(),
+                sp["fraction_after"].text() if compacted else "-",
+                sp["recovered_fraction"].text() if compacted else "-",
+                f"{sp['hugepages_fraction'].text()} ({mean.hugepages}/{mean.ideal_order9})",
+                ("yes" if mean.blocked else "no") if compacted else "-",
                 verdict,
                 end_section=side == "model",
             )
@@ -94,27 +120,46 @@ def comparison_table(comparisons: Sequence[Comparison], title: str) -> Table:
 def knobs_table(comparisons: Sequence[Comparison]) -> Table:
     t = Table(title="model knobs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("scenario", no_wrap=True)
+    t.add_column("pattern")
     t.add_column("MemFree", justify="right")
     t.add_column("background", justify="right")
-    t.add_column("offset", justify="right")
-    t.add_column("phases tried (offset: recovered)")
+    t.add_column("phase per boot (pagemap)")
     for c in comparisons:
         k = c.model.knobs
-        phases = ", ".join(
-            f"{m.knobs.offset_pages}: {m.recovered_fraction:.2f}" for m in c.variants
+        sc = c.kernel.scenario
+        pattern = sc.pattern or (
+            f"chunk={sc.chunk_kib}KiB,fill={sc.fill:g},free={sc.free},pin={sc.pins},"
+            f"compact={'yes' if sc.compact else 'no'}"
         )
+        phases = ", ".join("?" if r.phase_pages is None else str(r.phase_pages) for r in c.kernels)
         t.add_row(
-            c.name,
-            f"{k.mem_free_kib // 1024} MiB",
-            f"{k.background_fraction:.3f}",
-            str(k.offset_pages),
-            phases if len(c.variants) > 1 else "-",
+            c.name, pattern, f"{k.mem_free_kib // 1024} MiB", f"{k.background_fraction:.3f}", phases
         )
     return t
 
 
 @click.command("calibrate")
 @click.argument("scenarios", nargs=-1, type=click.Choice(list(SCENARIOS)), metavar="[SCENARIO]...")
+@click.option(
+    "--pattern",
+    "patterns",
+    multiple=True,
+    callback=_patterns,
+    metavar="PATTERN",
+    help="Your own pattern, e.g. 'chunk=512KiB,fill=0.7,free=011,pin=01,compact=no' (free: "
+    "rhythm over chunk indices, 1 = unmap; pin: rhythm over survivors, 1 = pin; compact=no: "
+    "huge pages from direct compaction only). Repeatable.",
+)
+@click.option(
+    "--boots", default=1, show_default=True, type=click.IntRange(1, 20), help="Kernel boots."
+)
+@click.option(
+    "--seeds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Model seeds per boot (they draw when kswapd sleeps during the hugepage loop).",
+)
 @click.option(
     "--memory",
     default="512MiB",
@@ -140,10 +185,13 @@ def knobs_table(comparisons: Sequence[Comparison]) -> Table:
     type=click.Choice(["kernel", "default"]),
     default="kernel",
     show_default=True,
-    help="Model knobs from each scenario's kernel before-state, or the built-in defaults.",
+    help="Model knobs from each boot's kernel before-state, or the built-in defaults.",
 )
 def calibrate_cmd(
     scenarios: tuple[str, ...],
+    patterns: list[Scenario],
+    boots: int,
+    seeds: int,
     memory: int,
     out: Path | None,
     accel: str,
@@ -153,10 +201,16 @@ def calibrate_cmd(
 
     Scenarios: movable (80% of free memory in 1 MiB chunks, every other chunk freed, compact),
     pinned (the survivors long-term pinned first), mixed (half of them pinned), and the same
-    with 64 KiB chunks; *-nocompact skip compaction. Default: movable pinned mixed movable-64k.
+    with 64 KiB chunks; *-nocompact skip compaction (huge pages from direct compaction only).
+    Default: movable pinned mixed movable-64k and the three *-nocompact; with --pattern, the
+    patterns (and any SCENARIOs named). Kernel and model are compared as distributions: over
+    --boots boots and, per boot, --seeds model seeds.
     """
-    names = list(dict.fromkeys(scenarios or CALIBRATE_DEFAULTS))
-    console = Console()
+    chosen: list[str | Scenario] = [*dict.fromkeys(scenarios), *patterns]
+    if not chosen:
+        chosen = list(CALIBRATE_DEFAULTS)
+    names = [s if isinstance(s, str) else s.name for s in chosen]
+    console = Console(width=max(Console().width, 150))
     err = Console(stderr=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -164,28 +218,41 @@ def calibrate_cmd(
     else:
         log_dir = Path(tempfile.mkdtemp(prefix="gemfs-calibrate-"))
     t0 = time.monotonic()
-    try:
-        with err.status(f"booting Linux in QEMU for {', '.join(names)} (logs in {log_dir})"):
-            run = run_guest(
-                names, log_dir, memory, accel=cast(Literal["auto", "kvm", "tcg"], accel)
-            )
-    except (GuestError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    info = RunInfo.of(run, memory)
+    per_boot: dict[str, list[KernelResult]] = {}
+    infos: list[RunInfo] = []
+    for boot in range(boots):
+        boot_dir = log_dir / f"boot-{boot + 1}" if boots > 1 else log_dir
+        status = f"booting Linux in QEMU ({boot + 1}/{boots}) for {', '.join(names)}"
+        try:
+            with err.status(f"{status} (logs in {boot_dir})"):
+                run = run_guest(
+                    chosen, boot_dir, memory, accel=cast(Literal["auto", "kvm", "tcg"], accel)
+                )
+        except (GuestError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        infos.append(RunInfo.of(run, memory))
+        for name, result in run.results.items():
+            per_boot.setdefault(name, []).append(result)
+    info = infos[-1]
+    info.boots, info.seeds = boots, seeds
+    guest_s = sum(i.guest_total_s for i in infos)
+    info.guest_total_s = round(guest_s, 2)
     knobs: KnobSource = kernel_knobs if knob_source == "kernel" else default_knobs
     t1 = time.monotonic()
-    with err.status("running the model") as status:
+    with err.status("running the model") as st:
         comparisons = calibrate(
-            run.results, knobs, progress=lambda n: status.update(f"running the model: {n}")
+            per_boot, knobs, progress=lambda n: st.update(f"running the model: {n}"), seeds=seeds
         )
     info.model_total_s = round(time.monotonic() - t1, 2)
 
-    console.print(comparison_table(comparisons, f"kernel vs model, {memory} MiB guest"))
+    title = f"kernel ({boots} boot(s)) vs model ({seeds} seed(s) per boot), {memory} MiB guest"
+    console.print(comparison_table(comparisons, title))
     console.print(
-        "before/after: free 2 MiB blocks as a fraction of the ideal (free pages // 512), around "
-        "compact_memory; recovered: (after − before) / (ideal − before); hugepages: what "
-        "nr_hugepages got after compaction / the ideal; blocked: recovered < 0.25 "
-        "(*-nocompact: no compact_memory; the verdict compares what nr_hugepages got)",
+        "mean [min–max] over boots (kernel) and boots × seeds (model). before/after: free 2 MiB "
+        "blocks as a fraction of the ideal (free pages // 512), around compact_memory; "
+        "recovered: (after − before) / (ideal − before); hugepages: what the nr_hugepages loop "
+        "got / the ideal (mean count / ideal); blocked: recovered < 0.25 (*-nocompact: no "
+        "compact_memory)",
         highlight=False,
     )
     console.print(f"tolerance: {TOLERANCE.reason}", highlight=False)
@@ -194,10 +261,10 @@ def calibrate_cmd(
     for c in comparisons:
         for why in c.failures:
             console.print(f"[red]{c.name}[/]: {why}")
-    fallback = f" ({run.kvm_fallback})" if run.kvm_fallback else ""
+    fallback = f" ({info.kvm_fallback})" if info.kvm_fallback else ""
     console.print(
-        f"guest: {run.accel.upper()}{fallback}, /init after {run.boot_s:.1f} s, "
-        f"{run.total_s:.1f} s in all; model: {info.model_total_s:.1f} s; "
+        f"guest: {info.accel.upper()}{fallback}, /init after {info.boot_s:.1f} s, "
+        f"{guest_s:.1f} s in all ({boots} boot(s)); model: {info.model_total_s:.1f} s; "
         f"total {time.monotonic() - t0:.1f} s",
         highlight=False,
     )

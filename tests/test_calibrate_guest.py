@@ -312,8 +312,8 @@ def test_initramfs_is_a_newc_archive_with_init_and_devices() -> None:
 def test_init_script_runs_scenarios_in_order_then_powers_off() -> None:
     script = init_script(resolve(["pinned", "movable-64k"]))
     assert script.startswith("#!/bin/busybox sh\n")
-    pinned = script.index("run -n pinned -c 1024 -f 0.8000 -p all\n")
-    small = script.index("run -n movable-64k -c 64 -f 0.8000 -p none\n")
+    pinned = script.index("run -n pinned -c 1024 -f 0.8000 -p all -F 01 -P 1\n")
+    small = script.index("run -n movable-64k -c 64 -f 0.8000 -p none -F 01 -P 0\n")
     assert pinned < small < script.index("poweroff -f")
     assert "-N" in SCENARIOS["pinned-nocompact"].argv()
 
@@ -388,3 +388,18 @@ def test_guest_movable_compacts_and_pinned_does_not(booted_guest: GuestRun) -> N
     assert pinned.recovered_fraction <= 0.1, where
     assert pinned.hugepages_fraction <= 0.45, where
     assert pinned.hugepages_obtained < movable.hugepages_obtained / 2, where
+
+
+@pytest.mark.qemu
+def test_guest_measures_the_phase_and_direct_compaction_alone(booted_guest: GuestRun) -> None:
+    result = booted_guest.results["movable-nocompact"]
+    where = f"(see {booted_guest.results_log})"
+    # The program read its frames from /proc/self/pagemap (it runs as root in the guest).
+    assert result.phase_pages is not None, where
+    assert 0 <= result.phase_pages < 512, where
+    assert result.contiguous_chunks > result.chunks_allocated // 2, where
+    assert result.phase_chunks > result.chunks_allocated // 4, where
+    # No compact_memory: after is before, and what nr_hugepages got came from the allocator's
+    # own direct compaction (and kcompactd) — at least the blocks that were free already.
+    assert result.order9_after == result.order9_before, where
+    assert result.hugepages_obtained >= result.order9_before - 2, where

@@ -104,7 +104,7 @@ def test_unknown_key(tmp_path: Path) -> None:
     assert err.line == line_of(text, "bnd = true")
     assert "unknown key 'bnd'" in err.message
     assert "did you mean 'bind'" in err.message
-    assert "expected one of: bind, count, fill, kind, name, size, tag" in err.message
+    assert "expected one of: bind, count, fill, kind, name, size, start_offset, tag" in err.message
     assert "phase 4 (repeat) > do 1 (create)" in err.message
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +12,21 @@ from driver.gem import DriverObject
 from driver.inproc import InprocDriver
 from gemfs.mm import PAGE_SIZE, Design, MemoryManager, MigrateMode, MigrateType
 from gemfs.mm.types import format_size
+from tools.inproc_backend import InprocBackend
+from tools.player import play
+from tools.workload import (
+    Amount,
+    Create,
+    Free,
+    Gpu,
+    Noise,
+    PageCache,
+    Phase,
+    Probe,
+    Repeat,
+    Workload,
+    load_workload,
+)
 
 
 @dataclass(frozen=True)
@@ -25,9 +41,11 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
-def fragment_like_compaction_test(mm: MemoryManager, drv: InprocDriver) -> int:
-    """80% of the pool in GPU-bound 1 MiB objects, the rest page cache, every other chunk freed."""
-    chunk = 1 << 20
+def fragment_like_compaction_test(
+    mm: MemoryManager, drv: InprocDriver, chunk: int = 1 << 20
+) -> int:
+    """80% of the pool in GPU-bound objects of ``chunk`` bytes, the rest page cache, every
+    other chunk freed."""
     chunks: list[DriverObject] = []
     target = int(mm.pool.nr_pages * 0.8) * PAGE_SIZE
     while len(chunks) * chunk + chunk <= target:
@@ -113,3 +131,90 @@ def bench_mm(size: str = "4GiB", big: str = "16GiB", pairs: int = 200_000) -> li
     finally:
         mm.close()
     return figs
+
+
+# -----------------------------------------------------------------------------------------------
+# Direct compaction under probe load, and a scaled desktop played in process
+
+
+def scale_workload(w: Workload, factor: int) -> Workload:
+    """The workload on a pool ``factor`` times larger with every count ``factor`` times larger
+    (fills, fractions and sizes unchanged): the same story, more of it."""
+
+    def amount(a: Amount) -> Amount:
+        return replace(a, count=a.count * factor) if a.count is not None else a
+
+    def one(p: Phase) -> Phase:
+        match p:
+            case Create() | PageCache():
+                return replace(p, amount=amount(p.amount))
+            case Noise():
+                return replace(p, count=p.count * factor)
+            case Probe(count=int(n)):
+                return replace(p, count=n * factor)
+            case Gpu(count=int(n)) | Free(count=int(n)):
+                return replace(p, count=n * factor)
+            case Repeat():
+                return replace(p, phases=tuple(one(q) for q in p.phases))
+            case _:
+                return p
+
+    return replace(w, pool=w.pool * factor, phases=tuple(one(p) for p in w.phases))
+
+
+PROBE_CHUNK = 256 << 10
+
+
+@dataclass(frozen=True)
+class ProbeFigure:
+    design: str
+    attempts: int
+    succeeded: int
+    seconds: float
+    migrate_scanned: int
+    free_scanned: int
+    migrated: int
+
+    @property
+    def rate(self) -> float:
+        return _rate(self.attempts, self.seconds)
+
+
+def bench_direct_compaction(
+    size: str = "4GiB", design: Design = Design.PINNED, attempts: int = 400
+) -> ProbeFigure:
+    """THP-fault-like order-9 attempts (each block kept) on the compaction-test fragmentation
+    with 256 KiB chunks (1 MiB holes would make the kernel's fragmentation index call the
+    failure lack of memory, and compaction_suitable() would skip every attempt)."""
+    mm = MemoryManager(size, design=design)
+    try:
+        drv = InprocDriver(mm, design)
+        fragment_like_compaction_test(mm, drv, PROBE_CHUNK)
+        v0 = dict(mm.vmstat.counters)
+        got = 0
+        t = time.process_time()
+        for _ in range(attempts):
+            if mm.alloc_high_order(9, MigrateType.MOVABLE, kind="thp") is not None:
+                got += 1
+        dt = time.process_time() - t
+        v = mm.vmstat.counters
+        return ProbeFigure(
+            design.value,
+            attempts,
+            got,
+            dt,
+            v["compact_migrate_scanned"] - v0.get("compact_migrate_scanned", 0),
+            v["compact_free_scanned"] - v0.get("compact_free_scanned", 0),
+            v["pgmigrate_success"] - v0.get("pgmigrate_success", 0),
+        )
+    finally:
+        mm.close()
+
+
+def play_scaled(path: Path, factor: int, design: Design = Design.PINNED) -> tuple[float, int]:
+    """CPU seconds to play a workload scaled by ``factor`` in process; and its probes that
+    succeeded."""
+    w = scale_workload(load_workload(path), factor)
+    t = time.process_time()
+    record = play(w, InprocBackend(w, design), design).record
+    return time.process_time() - t, int(record.probes["succeeded"])

@@ -31,9 +31,10 @@ Phase kinds and their keys (every phase also takes an optional ``name`` for the 
 kind           keys
 =============  =================================================================================
 create         GEM objects. ``tag``; ``count`` or ``fill`` (fraction of the free memory);
-               ``size`` (below); ``bind`` (the GPU binds them: pinned until freed)
+               ``size`` (below); ``bind`` (the GPU binds them: pinned until freed);
+               ``start_offset`` (placement, below)
 page-cache     Unpinned movable files (the rest of the system; they can always move). ``tag``;
-               ``count`` or ``fill``; ``size`` (default 1MiB)
+               ``count`` or ``fill``; ``size`` (default 1MiB); ``start_offset``
 gpu            GPU batches. ``tag`` (a tag or a list); ``fraction`` (of those objects, per batch;
                default 1) or ``count``; ``duration_ms``; ``access`` (read | write);
                ``repeat`` (batches); ``interval_ms`` (time between batch submissions)
@@ -57,6 +58,12 @@ Sizes are ``"64KiB"``-style strings or byte counts, or an inline table with ``di
 ``{ dist = "mesa", median = "64KiB", sigma = 1.5 }`` (log-normal rounded up to Mesa's bucket
 sizes: 4, 8, 12 KiB, then four buckets per power of two up to 64 MiB), or
 ``{ dist = "choice", sizes = ["4MiB", "16MiB"], weights = [3, 1] }``.
+
+Placement: ``start_offset = N`` on a ``create`` or ``page-cache`` phase hands out N single
+movable pages (kept, tag ``<tag>.offset``) just before the phase's first allocation, so that its
+stream of consecutive frames starts N pages further on — e.g. N pages past a pageblock boundary
+when the free memory before it starts on one. The phase is then played as a ``repeat`` of once
+over that ``noise`` phase and itself.
 
 Anything unknown or out of range is a :class:`WorkloadError` naming the file, the line and what
 was expected. tomllib gives no line numbers, so :class:`_Locator` finds keys in the source text.
@@ -673,8 +680,8 @@ def _tags(t: _Table) -> tuple[str, ...]:
 
 _COMMON = ("kind", "name")
 _KEYS: dict[str, tuple[str, ...]] = {
-    "create": ("tag", "count", "fill", "size", "bind"),
-    "page-cache": ("tag", "count", "fill", "size"),
+    "create": ("tag", "count", "fill", "size", "bind", "start_offset"),
+    "page-cache": ("tag", "count", "fill", "size", "start_offset"),
     "gpu": ("tag", "fraction", "count", "duration_ms", "access", "repeat", "interval_ms"),
     "free": ("tag", "every", "offset", "fraction", "count", "all"),
     "noise": ("tag", "type", "order", "count", "pages"),
@@ -683,6 +690,21 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "wait": ("ms",),
     "repeat": ("times", "do"),
 }
+
+
+def _placed(t: _Table, phase: Create | PageCache, pool: int) -> Phase:
+    """``start_offset``: the phase preceded by that many single movable pages (see the doc)."""
+    offset = t.int_("start_offset", 0, lo=0, hi=pool // PAGE_SIZE)
+    if not offset:
+        return phase
+    noise = Noise(
+        name=f"{phase.name}: start {offset} pages in",
+        tag=f"{phase.tag}.offset",
+        migratetype=MigrateType.MOVABLE,
+        order=0,
+        count=offset,
+    )
+    return Repeat(name=phase.name, times=1, phases=(noise, phase))
 
 
 def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Phase:
@@ -695,20 +717,22 @@ def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Pha
     name = t.str_("name", kind)
     match kind:
         case "create":
-            return Create(
+            create = Create(
                 name=name,
                 tag=t.str_("tag"),
                 amount=_amount(t),
                 size=_size_dist(t, "size", None, pool),
                 bind=t.bool_("bind", False),
             )
+            return _placed(t, create, pool)
         case "page-cache":
-            return PageCache(
+            cache = PageCache(
                 name=name,
                 tag=t.str_("tag"),
                 amount=_amount(t),
                 size=_size_dist(t, "size", "1MiB", pool),
             )
+            return _placed(t, cache, pool)
         case "gpu":
             fraction, count = 1.0, None
             if t.has("fraction") and t.has("count"):

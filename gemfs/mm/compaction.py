@@ -489,29 +489,50 @@ class CompactionPolicy:
             keep[before[: len(before) // COMPACT_CLUSTER_MAX * COMPACT_CLUSTER_MAX]] = True
         return np.flatnonzero(keep) + start, scanned, True
 
+    def _next_source_block(self, view: PoolView, fast_found: bool) -> int:
+        """The next block from ``migrate_block`` the migrate scanner would isolate from, or -1.
+
+        The blocks passed on the way cost no scan, as in the kernel: those marked skip are
+        counted, those of an unsuitable type move the cached scanner past them. Vectorized: a
+        pass over many unsuitable blocks must not cost per-block Python work."""
+        lo, hi = self.migrate_block, self.free_block
+        if lo >= hi:
+            return -1
+        st = self.state
+        mts = view.pageblock_mt[lo:hi]
+        if self.mode != MigrateMode.ASYNC or (st is not None and not self.direct):
+            src_ok = np.ones(hi - lo, dtype=np.bool_)
+        else:
+            src_ok = mts == self.migratetype
+        if st is None or self.ignore_skip_hint:
+            skipped = np.zeros(hi - lo, dtype=np.bool_)
+        else:
+            skipped = st.skip[lo:hi].copy()
+            if fast_found:
+                skipped[0] = False  # fast_find_migrateblock checked it already
+        eligible = src_ok & ~skipped
+        hopeless = view.hopeless_pageblocks()  # Illuminator: blocks that cannot be emptied
+        passed_hopeless = np.zeros(hi - lo, dtype=np.bool_)
+        if hopeless is not None:
+            passed_hopeless = eligible & hopeless[lo:hi]
+            eligible &= ~passed_hopeless
+        n = int(np.argmax(eligible)) if eligible.any() else hi - lo
+        self.stats.skipped_blocks += int(np.count_nonzero(skipped[:n]))
+        self.stats.hopeless_blocks += int(np.count_nonzero(passed_hopeless[:n]))
+        unsuitable = np.flatnonzero(~skipped[:n] & ~src_ok[:n])
+        if st is not None and len(unsuitable):
+            st.update_cached_migrate(lo + int(unsuitable[-1]) + 1, self.mode)
+        return lo + n if n < hi - lo else -1
+
     def _isolate_migratepages(self, view: PoolView) -> I64:
         """isolate_migratepages(): advance to the next block with candidates; return them."""
         first = self._fast_find_migrateblock(view)
         fast_found = first != self.migrate_block and self._fast_search_fail == 0
         self.migrate_block = first
         st = self.state
-        mts = view.pageblock_mt
-        hopeless = view.hopeless_pageblocks()
-        while self.migrate_block < self.free_block:
-            b = self.migrate_block
-            self.migrate_block += 1
-            if not fast_found and not self._isolation_suitable(b):
-                self.stats.skipped_blocks += 1
-                continue
-            if hopeless is not None and hopeless[b]:  # Illuminator: it cannot be emptied
-                self.stats.hopeless_blocks += 1
-                fast_found = False
-                continue
+        while (b := self._next_source_block(view, fast_found)) >= 0:
             fast_found = False
-            if not self._source_ok(int(mts[b])):
-                if st is not None:
-                    st.update_cached_migrate(b + 1, self.mode)
-                continue
+            self.migrate_block = b + 1
             cand, scanned, failed = self._scan_migrate_block(view, b)
             self.stats.migrate_scanned += scanned
             self.stats.migrate_blocks += 1
@@ -529,6 +550,7 @@ class CompactionPolicy:
                 return cand.astype(np.int64)
             if self._update_cached and st is not None:
                 st.cached_migrate_block[1] = st.cached_migrate_block[0]
+        self.migrate_block = max(self.migrate_block, self.free_block)
         return np.empty(0, dtype=np.int64)
 
     # -- the free scanner -------------------------------------------------------------------

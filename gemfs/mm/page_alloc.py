@@ -42,7 +42,7 @@ import enum
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from gemfs.mm.compaction import (
     PAGE_ALLOC_COSTLY_ORDER,
@@ -55,6 +55,8 @@ from gemfs.mm.vmstat import fragmentation_index
 
 if TYPE_CHECKING:
     from gemfs.mm.core import MemoryManager
+
+R = TypeVar("R")
 
 MAX_COMPACT_RETRIES = 16  # mm/page_alloc.c
 MAX_RECLAIM_RETRIES = 16  # mm/internal.h; here also a bound on the whole retry loop
@@ -259,11 +261,22 @@ def alloc_pages_slowpath(
     kind: AllocKind | str = AllocKind.THP,
     *,
     reclaim: Callable[[int], int] | None = None,
+    kswapd: Callable[[], bool] | None = None,
+    other_zone_ok: bool = False,
 ) -> SlowPath:
-    """__alloc_pages_slowpath() for one high-order request; see the module doc."""
+    """__alloc_pages_slowpath() for one high-order request; see the module doc.
+
+    ``kswapd``: asked at each retry (kswapd, woken on entry, has had the first attempt's time to
+    work); True means it has gone back to sleep by now (:func:`kswapd_sleep` runs: skip hints
+    flushed, kcompactd woken). Without it kswapd is never seen to sleep.
+
+    ``other_zone_ok``: another zone of the node passes should_reclaim_retry()'s order watermark
+    check though the allocation cannot use it (a DMA zone with free 2 MiB blocks behind its
+    lowmem reserve): the slow path then retries reclaim and compaction up to
+    MAX_RECLAIM_RETRIES times before giving up, as the kernel does."""
     kind = AllocKind.parse(kind) if isinstance(kind, str) else kind
     gfp = GFP[kind]
-    pfn = yield from _slowpath(mm, order, mt, gfp, reclaim)
+    pfn = yield from _slowpath(mm, order, mt, gfp, reclaim, kswapd, other_zone_ok)
     v = mm.vmstat
     if kind is AllocKind.THP:
         v.inc("thp_fault_alloc" if pfn is not None else "thp_fault_fallback")
@@ -279,6 +292,8 @@ def _slowpath(
     mt: MigrateType,
     gfp: Gfp,
     reclaim: Callable[[int], int] | None,
+    kswapd: Callable[[], bool] | None,
+    other_zone_ok: bool,
 ) -> SlowPath:
     pfn = _try_alloc(mm, order, mt)
     if pfn is not None or order == 0:
@@ -294,7 +309,10 @@ def _slowpath(
                 return None
             prio = INIT_COMPACT_PRIORITY
     retries = 0
-    for _ in range(MAX_RECLAIM_RETRIES):  # retry: (the kernel loops while reclaim progresses)
+    no_progress_loops = 0
+    for _ in range(4 * MAX_RECLAIM_RETRIES):  # retry: (bounded: reclaim progress is a stub)
+        if kswapd is not None and kswapd():
+            yield from kswapd_sleep(mm, order)
         pfn = _try_alloc(mm, order, mt)
         if pfn is not None:
             return pfn
@@ -310,6 +328,18 @@ def _slowpath(
             return None
         if costly and not gfp.retry_mayfail:
             return None
+        # should_reclaim_retry(): costly orders count every loop as one without progress; go on
+        # while some zone passes the order's watermark with what reclaim could free. Here
+        # that needs a free block of the order, which a failed allocation says this zone has
+        # not — but another zone of the node may (``other_zone_ok``).
+        if progress <= 0 or costly:
+            no_progress_loops += 1
+        else:
+            no_progress_loops = 0
+        if no_progress_loops <= MAX_RECLAIM_RETRIES and (
+            other_zone_ok or zone_watermark_ok(mm, order, watermarks(mm.pool.nr_pages).min)
+        ):
+            continue
         if progress <= 0:
             return None  # no reclaim progress: no compaction retry; costly orders never OOM
         again, prio, retries = should_compact_retry(order, result, prio, retries)
@@ -320,15 +350,54 @@ def _slowpath(
     return None
 
 
-def drive(mm: MemoryManager, slow: SlowPath) -> int | None:
-    """Run a slow path in process: each policy it yields through ``mm.run_policy``."""
+def drive(mm: MemoryManager, slow: Generator[CompactionPolicy, CompactResult, R]) -> R:
+    """Run a slow path (or kcompactd's work) in process: each policy through ``mm.run_policy``."""
     try:
         policy = next(slow)
         while True:
             policy = slow.send(mm.run_policy(policy))
     except StopIteration as done:
-        value: int | None = done.value
+        value: R = done.value
         return value
+
+
+def kcompactd_do_work(mm: MemoryManager, order: int) -> Compacting:
+    """kcompactd_do_work() for one order: SYNC_LIGHT, skip hints honoured, deferral applies;
+    compact_daemon_* counted. SKIPPED/DEFERRED/SUCCESS without a pass when there is nothing
+    to do."""
+    st = mm.compact_state
+    mm.vmstat.inc("compact_daemon_wake")
+    if st.compaction_deferred(order):
+        return CompactResult.DEFERRED
+    if zone_watermark_ok(mm, order, watermarks(mm.pool.nr_pages).min):
+        return CompactResult.SUCCESS
+    if not compaction_suitable(mm, order):
+        return CompactResult.SKIPPED
+    policy = CompactionPolicy(
+        mm.pool.nr_pageblocks,
+        order=order,
+        mode=MigrateMode.SYNC_LIGHT,
+        state=st,
+        whole_zone=False,
+        buddy=mm.buddy,
+        pins=mm.pool.pin if st.scanner_sees_pins else None,
+    )
+    status = yield policy
+    if status is CompactResult.SUCCESS:
+        st.compaction_defer_reset(order, False)
+    elif status in (CompactResult.COMPLETE, CompactResult.PARTIAL_SKIPPED):
+        st.defer_compaction(order)
+    mm.vmstat.inc("compact_daemon_migrate_scanned", policy.stats.migrate_scanned)
+    mm.vmstat.inc("compact_daemon_free_scanned", policy.stats.free_scanned)
+    return status
+
+
+def kswapd_sleep(mm: MemoryManager, order: int) -> Compacting:
+    """kswapd going to sleep after a high-order wake-up (kswapd_try_to_sleep): the skip hints
+    are flushed if a direct compaction's scanners met (reset_isolation_suitable), then kcompactd
+    is woken for the order (wakeup_kcompactd)."""
+    mm.compact_state.reset_isolation_suitable(mm)
+    return (yield from kcompactd_do_work(mm, order))
 
 
 STATE_GAUGES = (

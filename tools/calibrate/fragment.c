@@ -9,11 +9,17 @@
  *   1. reads MemFree from /proc/meminfo and maps anonymous chunks of
  *      CHUNK bytes (transparent huge pages disabled, so every chunk is made
  *      of 4 KiB pages) until FILL x MemFree bytes are populated;
- *   2. unmaps every other chunk (odd indices), leaving ~chunk-sized holes;
- *   3. long-term pins the selected remaining chunks by registering them as
- *      io_uring fixed buffers (pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) in
- *      the kernel, the same kind of pin a GPU driver takes): none, all, or
- *      half of them (every other remaining chunk);
+ *   2. reads the chunks' physical frame numbers from /proc/self/pagemap and
+ *      reports where the chunk stream starts within a 2 MiB pageblock (the
+ *      phase: the most common (pfn(chunk i) - i x chunk pages) mod 512) and
+ *      how many chunks are physically contiguous;
+ *   3. unmaps the chunks the free rhythm selects (-F, default "01": every
+ *      other chunk, odd indices), leaving ~chunk-sized holes;
+ *   4. long-term pins the survivors the pin rhythm selects by registering
+ *      them as io_uring fixed buffers (pin_user_pages(FOLL_WRITE |
+ *      FOLL_LONGTERM) in the kernel, the same kind of pin a GPU driver
+ *      takes): -p none|all|half, or a rhythm over survivors with -P ("10":
+ *      every other survivor, as half);
  *   4. dumps /proc/buddyinfo, /proc/pagetypeinfo and selected /proc/vmstat
  *      counters ("before"), writes 1 to /proc/sys/vm/compact_memory unless
  *      -N is given, dumps them again ("after");
@@ -35,7 +41,10 @@
  * and finally "@@GEMFS-DONE <name>".  Errors go to stderr as
  * "@@GEMFS-ERROR <name>: <message>" and the exit status is non-zero.
  *
- * Usage: fragment -n NAME -c CHUNK_KIB -f FILL -p none|all|half [-N] [-H COUNT]
+ * A rhythm is a string of 0 and 1 applied to indices modulo its length.
+ *
+ * Usage: fragment -n NAME -c CHUNK_KIB -f FILL -p none|all|half [-F FREE]
+ *                 [-P PIN] [-N] [-H COUNT]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -250,8 +259,74 @@ static void unpin_all(int *rings, size_t nrings)
 static void usage(void)
 {
 	fprintf(stderr, "usage: fragment -n NAME -c CHUNK_KIB -f FILL "
-			"-p none|all|half [-N] [-H HUGEPAGES]\n");
+			"-p none|all|half [-F FREE] [-P PIN] [-N] [-H HUGEPAGES]\n");
 	exit(2);
+}
+
+static int rhythm_ok(const char *r)
+{
+	if (!*r || strlen(r) > 64)
+		return 0;
+	for (; *r; r++)
+		if (*r != '0' && *r != '1')
+			return 0;
+	return 1;
+}
+
+static int rhythm_at(const char *r, size_t i)
+{
+	return r[i % strlen(r)] == '1';
+}
+
+#define PAGEBLOCK_PAGES 512ul
+#define PFN_MASK ((1ull << 55) - 1)
+#define PFN_PRESENT (1ull << 63)
+
+/* The chunk stream's phase in its pageblock, read from /proc/self/pagemap. */
+static void report_phase(char **chunks, size_t n, size_t chunk)
+{
+	size_t pages = chunk / PAGE_BYTES;
+	uint64_t *ent = malloc(pages * sizeof(*ent));
+	unsigned long votes[PAGEBLOCK_PAGES] = { 0 };
+	size_t read_ok = 0, contiguous = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	if (fd < 0 || !ent) {
+		fprintf(stderr, "@@GEMFS-WARN %s: pagemap: %s\n", g_name,
+			strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		free(ent);
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		off_t off = (off_t)((uintptr_t)chunks[i] / PAGE_BYTES) * 8;
+		ssize_t want = (ssize_t)(pages * sizeof(*ent));
+		if (pread(fd, ent, (size_t)want, off) != want)
+			continue;
+		if (!(ent[0] & PFN_PRESENT) || !(ent[0] & PFN_MASK))
+			continue; /* no PFNs without CAP_SYS_ADMIN */
+		read_ok++;
+		uint64_t first = ent[0] & PFN_MASK;
+		size_t j = 1;
+		while (j < pages && (ent[j] & PFN_MASK) == first + j)
+			j++;
+		contiguous += j == pages;
+		uint64_t phase = (first + PAGEBLOCK_PAGES * 1000000ull -
+				  (uint64_t)(i * pages) % PAGEBLOCK_PAGES) %
+				 PAGEBLOCK_PAGES;
+		votes[phase]++;
+	}
+	close(fd);
+	free(ent);
+	size_t best = 0;
+	for (size_t k = 1; k < PAGEBLOCK_PAGES; k++)
+		if (votes[k] > votes[best])
+			best = k;
+	begin("phase");
+	if (read_ok)
+		printf("phase_pages %zu\nphase_chunks %lu\n", best, votes[best]);
+	printf("chunks_read %zu\ncontiguous_chunks %zu\n", read_ok, contiguous);
+	end("phase");
 }
 
 int main(int argc, char **argv)
@@ -259,16 +334,20 @@ int main(int argc, char **argv)
 	unsigned long chunk_kib = 1024;
 	double fill = 0.8;
 	const char *pin = "none";
+	const char *free_rhythm = "01";
+	const char *pin_rhythm = NULL;
 	int compact = 1;
 	long huge_request = -1;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "n:c:f:p:NH:")) != -1) {
+	while ((opt = getopt(argc, argv, "n:c:f:p:F:P:NH:")) != -1) {
 		switch (opt) {
 		case 'n': g_name = optarg; break;
 		case 'c': chunk_kib = strtoul(optarg, NULL, 10); break;
 		case 'f': fill = strtod(optarg, NULL); break;
 		case 'p': pin = optarg; break;
+		case 'F': free_rhythm = optarg; break;
+		case 'P': pin_rhythm = optarg; break;
 		case 'N': compact = 0; break;
 		case 'H': huge_request = strtol(optarg, NULL, 10); break;
 		default: usage();
@@ -287,6 +366,10 @@ int main(int argc, char **argv)
 		pin_mode = 2;
 	else
 		fail("pin mode must be none, all or half, not %s", pin);
+	if (!pin_rhythm)
+		pin_rhythm = pin_mode == 0 ? "0" : pin_mode == 1 ? "1" : "10";
+	if (!rhythm_ok(free_rhythm) || !rhythm_ok(pin_rhythm))
+		fail("rhythms are 1 to 64 characters of 0 and 1");
 
 	setvbuf(stdout, NULL, _IOFBF, 1 << 16);
 
@@ -313,10 +396,11 @@ int main(int argc, char **argv)
 		     fill * 100, memfree_kb);
 
 	begin("params");
-	printf("name %s\nchunk_bytes %zu\nfill %.4f\npin %s\ncompact %d\n"
-	       "MemTotal %ld\nMemFree %ld\nMemAvailable %ld\n",
-	       g_name, chunk, fill, pin, compact, memtotal_kb, memfree_kb,
-	       memavail_kb);
+	printf("name %s\nchunk_bytes %zu\nfill %.4f\npin %s\nfree_rhythm %s\n"
+	       "pin_rhythm %s\ncompact %d\nMemTotal %ld\nMemFree %ld\n"
+	       "MemAvailable %ld\n",
+	       g_name, chunk, fill, pin, free_rhythm, pin_rhythm, compact,
+	       memtotal_kb, memfree_kb, memavail_kb);
 	end("params");
 
 	char **chunks = calloc(nchunks, sizeof(*chunks));
@@ -344,24 +428,30 @@ int main(int argc, char **argv)
 	if (allocated < 4)
 		fail("could map only %zu chunks", allocated);
 
-	/* 2. Free every other chunk. */
+	report_phase(chunks, allocated, chunk);
+
+	/* 3. Free the chunks the free rhythm selects. */
 	size_t freed = 0;
-	for (size_t i = 1; i < allocated; i += 2) {
+	for (size_t i = 0; i < allocated; i++) {
+		if (!rhythm_at(free_rhythm, i))
+			continue;
 		if (munmap(chunks[i], chunk) != 0)
 			fail("munmap: %s", strerror(errno));
 		chunks[i] = NULL;
 		freed++;
 	}
 
-	/* 3. Pin the selected survivors: all even indices, or every other
-	 * survivor (indices 0, 4, 8, ...) for "half". */
-	size_t npin = 0;
-	for (size_t i = 0; i < allocated && pin_mode; i += 2) {
-		if (pin_mode == 2 && (i / 2) % 2)
+	/* 4. Pin the survivors the pin rhythm selects (counted over survivors:
+	 * "10" pins indices 0, 4, 8, ... when every other chunk was freed). */
+	size_t npin = 0, survivor = 0;
+	for (size_t i = 0; i < allocated; i++) {
+		if (!chunks[i])
 			continue;
-		iov[npin].iov_base = chunks[i];
-		iov[npin].iov_len = chunk;
-		npin++;
+		if (rhythm_at(pin_rhythm, survivor++)) {
+			iov[npin].iov_base = chunks[i];
+			iov[npin].iov_len = chunk;
+			npin++;
+		}
 	}
 	t0 = now_ms();
 	size_t nrings = npin ? pin_chunks(iov, npin, rings) : 0;
@@ -374,7 +464,7 @@ int main(int argc, char **argv)
 	       nrings, t_fill, t_pin);
 	end("chunks");
 
-	/* 4. Before, compact, after. */
+	/* 5. Before, compact, after. */
 	dump_state("before");
 	double t_compact = 0.0;
 	if (compact) {
@@ -387,7 +477,7 @@ int main(int argc, char **argv)
 	end("compact");
 	dump_state("after");
 
-	/* 5. Hugepage probe: ask for more than could ever exist. */
+	/* 6. Hugepage probe: ask for more than could ever exist. */
 	if (huge_request < 0)
 		huge_request = memtotal_kb / 2048 + 64;
 	char text[32];
@@ -402,7 +492,7 @@ int main(int argc, char **argv)
 	       obtained, t_huge, read_proc_long("/proc/sys/vm/nr_hugepages"));
 	end("hugepages");
 
-	/* 6. Give everything back before the next scenario. */
+	/* 7. Give everything back before the next scenario. */
 	unpin_all(rings, nrings);
 	for (size_t i = 0; i < allocated; i++)
 		if (chunks[i])

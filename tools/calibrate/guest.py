@@ -80,9 +80,25 @@ class GuestUnavailable(GuestError):
     """This host cannot run the guest at all: a tool or the kernel is missing or unusable."""
 
 
+RHYTHM_MAX = 64
+
+
+def check_rhythm(text: str, what: str) -> str:
+    """A rhythm: 1 to 64 characters of 0 and 1, applied to indices modulo its length."""
+    if not 1 <= len(text) <= RHYTHM_MAX or set(text) - {"0", "1"}:
+        raise ValueError(f"{what} rhythm {text!r}: 1 to {RHYTHM_MAX} characters of 0 and 1")
+    return text
+
+
+PIN_RHYTHMS: Mapping[str, str] = {"none": "0", "all": "1", "half": "10"}
+
+
 @dataclass(frozen=True)
 class Scenario:
-    """One fragmentation pattern: chunk size, share of free memory filled, which survivors to pin.
+    """One fragmentation pattern: chunk size, share of free memory filled, which chunks to free
+    (``free``: a rhythm over chunk indices, "01" frees the odd ones), which survivors to pin
+    (``pin``: none / all / half, or ``pin_rhythm`` over survivors: "10" is half, "0001" every
+    fourth).
 
     ``compact=False`` skips ``compact_memory``: the hugepage probe then shows what the allocator's
     own direct compaction and reclaim get from the fragmented state."""
@@ -92,11 +108,68 @@ class Scenario:
     fill: float = 0.8
     pin: PinMode = "none"
     compact: bool = True
+    free: str = "01"
+    pin_rhythm: str = ""
+    pattern: str = ""  # the --pattern text this scenario came from, if any
+
+    def __post_init__(self) -> None:
+        if self.chunk_kib < 4 or self.chunk_kib % 4:
+            raise ValueError(f"chunk {self.chunk_kib} KiB is not a positive multiple of 4 KiB")
+        if not 0.0 < self.fill < 1.0:
+            raise ValueError(f"fill {self.fill} not in (0, 1)")
+        check_rhythm(self.free, "free")
+        if self.pin_rhythm:
+            check_rhythm(self.pin_rhythm, "pin")
+
+    @property
+    def pins(self) -> str:
+        """The pin rhythm over survivors."""
+        return self.pin_rhythm or PIN_RHYTHMS[self.pin]
 
     def argv(self) -> list[str]:
         args = ["-n", self.name, "-c", str(self.chunk_kib), "-f", f"{self.fill:.4f}"]
-        args += ["-p", self.pin]
+        args += ["-p", self.pin, "-F", self.free, "-P", self.pins]
         return [*args, *([] if self.compact else ["-N"])]
+
+
+def parse_pattern(text: str, name: str) -> Scenario:
+    """``chunk=512KiB,fill=0.7,free=011,pin=01,compact=no`` → a Scenario (every key optional:
+    chunk 1MiB, fill 0.8, free 01, pin 0, compact yes). ValueError says what is wrong."""
+    fields = {"chunk": "1MiB", "fill": "0.8", "free": "01", "pin": "0", "compact": "yes"}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            raise ValueError(f"pattern {text!r}: {part!r} is not one of {', '.join(fields)}=...")
+        fields[key] = value.strip()
+    size = _size_bytes(fields["chunk"])
+    if size % 4096:
+        raise ValueError(f"pattern {text!r}: chunk {fields['chunk']} is not whole 4 KiB pages")
+    try:
+        fill = float(fields["fill"])
+    except ValueError:
+        raise ValueError(f"pattern {text!r}: fill {fields['fill']!r} is not a number") from None
+    if fields["compact"] not in ("yes", "no"):
+        raise ValueError(f"pattern {text!r}: compact must be yes or no")
+    pin = check_rhythm(fields["pin"], "pin")
+    mode: PinMode = "none" if set(pin) == {"0"} else "all" if set(pin) == {"1"} else "half"
+    return Scenario(
+        name,
+        size >> 10,
+        fill=fill,
+        pin=mode,
+        compact=fields["compact"] == "yes",
+        free=check_rhythm(fields["free"], "free"),
+        pin_rhythm=pin,
+        pattern=text,
+    )
+
+
+def _size_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"bad size {text!r} (e.g. 512KiB)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
 def _scenarios(*items: Scenario) -> dict[str, Scenario]:
@@ -112,10 +185,19 @@ SCENARIOS: Mapping[str, Scenario] = _scenarios(
     Scenario("mixed-64k", 64, pin="half"),
     Scenario("movable-nocompact", 1024, pin="none", compact=False),
     Scenario("pinned-nocompact", 1024, pin="all", compact=False),
+    Scenario("mixed-nocompact", 1024, pin="half", compact=False),
 )
 """Scenario name → parameters. The first five are the calibration set (see DEFAULT_SCENARIOS)."""
 
-DEFAULT_SCENARIOS = ("movable", "pinned", "mixed", "movable-64k", "pinned-64k")
+DEFAULT_SCENARIOS = (
+    "movable",
+    "pinned",
+    "mixed",
+    "movable-64k",
+    "movable-nocompact",
+    "pinned-nocompact",
+    "mixed-nocompact",
+)
 
 
 @dataclass(frozen=True)
@@ -230,6 +312,9 @@ class KernelResult(Order9Outcome):
     hugepages_requested: int
     hugepages_obtained: int
     hugepages_ms: float
+    phase_pages: int | None = None  # where the chunk stream starts in its pageblock (pagemap)
+    phase_chunks: int = 0  # chunks at that phase
+    contiguous_chunks: int = 0  # chunks whose frames are consecutive
 
     @property
     def vmstat_delta(self) -> dict[str, int]:
@@ -310,6 +395,7 @@ def build_result(scenario: Scenario, sections: Mapping[str, str]) -> KernelResul
     chunks = _key_values(sections["chunks"])
     compact = _key_values(sections["compact"])
     huge = _key_values(sections["hugepages"])
+    phase = _key_values(sections.get("phase", ""))
     return KernelResult(
         scenario=scenario,
         mem_total_kib=_int(params, "MemTotal", "params"),
@@ -329,6 +415,9 @@ def build_result(scenario: Scenario, sections: Mapping[str, str]) -> KernelResul
         hugepages_requested=_int(huge, "requested", "hugepages"),
         hugepages_obtained=_int(huge, "obtained", "hugepages"),
         hugepages_ms=_float(huge, "ms", "hugepages"),
+        phase_pages=int(phase["phase_pages"]) if "phase_pages" in phase else None,
+        phase_chunks=int(phase.get("phase_chunks", "0")),
+        contiguous_chunks=int(phase.get("contiguous_chunks", "0")),
     )
 
 
@@ -745,15 +834,16 @@ def _panic_line(console: Path) -> str | None:
     return None
 
 
-def resolve(names: Iterable[str]) -> list[Scenario]:
-    """Scenarios by name, in the given order; ValueError naming the unknown ones."""
-    names = list(names)
-    unknown = [n for n in names if n not in SCENARIOS]
+def resolve(names: Iterable[str | Scenario]) -> list[Scenario]:
+    """Scenarios by name (or given whole), in the given order; ValueError naming unknown ones."""
+    items = list(names)
+    unknown = [n for n in items if isinstance(n, str) and n not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    if not names:
+    if not items:
         raise ValueError("no scenarios given")
-    return [SCENARIOS[n] for n in dict.fromkeys(names)]
+    out = [SCENARIOS[n] if isinstance(n, str) else n for n in items]
+    return list({s.name: s for s in out}.values())
 
 
 def default_timeout(n_scenarios: int, memory_mib: int) -> float:
@@ -761,7 +851,7 @@ def default_timeout(n_scenarios: int, memory_mib: int) -> float:
 
 
 def run_guest(
-    names: Iterable[str],
+    names: Iterable[str | Scenario],
     log_dir: Path,
     memory_mib: int = 512,
     *,

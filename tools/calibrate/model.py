@@ -29,22 +29,27 @@ What the kernel has that the pool lacks, and what stands in for it (:class:`Knob
   each pageblock holds one kept chunk when the stream starts in the first half of a pageblock
   (offset mod 512 < 256), and parts of two (one of them pinned) when it starts in the second
   half; then nothing comes back.
-- **Per-cpu lists** (a few hundred pages that buddyinfo does not show) and the pageblock skip
-  hints, deferred compaction and reclaim of the kernel's compaction are not modelled.
+- **The DMA zone.** Its free 2 MiB blocks cannot be used, but they keep the allocator retrying
+  (``other_zone_blocks``, read from the before-state's buddyinfo of the smaller zones).
+- **Per-cpu lists** (a few hundred pages that buddyinfo does not show) and reclaim (the guest has
+  no swap; its page cache is an initramfs) are not modelled.
 
 :func:`knobs_from_kernel` sets the knobs from a kernel result's "before" state (never from its
 outcome): the free memory at the start, the share of free pages in non-movable pageblocks, and
-the start offset (modulo the chunk size) that reproduces the holes' split into orders.
+where the chunk stream starts within a pageblock, as the guest read it from
+``/proc/self/pagemap`` (older results without it: the offset modulo the chunk size that
+reproduces the holes' split into orders, in the default's pageblock half).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from gemfs.mm import MemoryManager, MigrateType
+from gemfs.mm import MemoryManager, MigrateType, page_alloc
 from gemfs.mm.types import (
     MAX_BLOCK_PAGES,
     MAX_ORDER,
@@ -68,8 +73,18 @@ DEFAULT_OFFSET_PAGES = 2
 """Where the guest's chunk stream started: 2 pages past an aligned boundary for 1 MiB chunks
 (1, 4, 8 and 64 pages in other boots), in the first half of a pageblock in every boot seen here
 (``mixed`` recovered 0.59-0.62 of the missing blocks)."""
+DEFAULT_OTHER_ZONE_BLOCKS = 7
+"""Free 2 MiB blocks (order-9 units) in the guest's other zone (DMA, 16 MiB: one order-9 and
+three order-10 blocks in every boot seen). The fill never reaches them (lowmem reserve), but
+they make the allocator's should_reclaim_retry() say yes, so a failing huge page allocation
+retries reclaim and compaction 16 times (the kernel's ~19 compact_stall per failure)."""
 DEFAULT_HOLE_ORDER = 5
 """The guest's free pages in Unmovable pageblocks sit mostly at orders 5-7."""
+
+KSWAPD_SLEEP_CHANCE = 0.5
+"""At each retry of the slow path (kswapd was woken on entry and has had the first attempt's
+time): the chance that kswapd has gone back to sleep — flushing the skip hints, waking
+kcompactd — before the allocation goes on. Unknown and timing-dependent: an even chance."""
 
 BLOCKED_BELOW = 0.25
 """Recovery is "blocked" when compaction wins back less than a quarter of the missing 2 MiB
@@ -84,6 +99,7 @@ class Knobs:
     background_fraction: float = DEFAULT_BACKGROUND_FRACTION
     offset_pages: int = DEFAULT_OFFSET_PAGES
     hole_order: int = DEFAULT_HOLE_ORDER
+    other_zone_blocks: int = DEFAULT_OTHER_ZONE_BLOCKS
     source: str = "defaults measured on Debian 6.1 / 512 MiB / TCG"
 
     def __post_init__(self) -> None:
@@ -142,18 +158,25 @@ def knobs_from_kernel(result: KernelResult, base: Knobs | None = None) -> Knobs:
     trapped = sum(pages_in(row) for mt, row in by_type.items() if mt != "Movable")
     movable = by_type.get("Movable", ())
     chunk_pages = result.chunk_bytes // PAGE_SIZE
-    if chunk_pages < PAGEBLOCK_NR_PAGES:
+    if result.phase_pages is not None:  # measured: the guest read its own frame numbers
+        offset = result.phase_pages
+    elif chunk_pages < PAGEBLOCK_NR_PAGES:
         offset = infer_offset(chunk_pages, movable, result.chunks_freed)
         # Keep the pageblock half the default (or the given base) says the stream starts in.
         offset += base.offset_pages - base.offset_pages % chunk_pages
     else:  # the holes are whole pageblocks whatever the offset: nothing to read
         offset = base.offset_pages
+    zones = result.before.buddyinfo.zone_names()
+    main = max(zones, key=result.before.buddyinfo.free_pages) if zones else None
+    other = sum(result.before.buddyinfo.huge_blocks(z) for z in zones if z != main)
     return replace(
         base,
+        other_zone_blocks=other,
         mem_free_kib=result.mem_free_start_kib,
         background_fraction=round(min(0.45, trapped / max(1, free_start_pages)), 4),
         offset_pages=offset % PAGEBLOCK_NR_PAGES,
-        source=f"kernel before-state of {result.scenario.name}",
+        source=f"kernel before-state of {result.scenario.name}"
+        + (" (phase from pagemap)" if result.phase_pages is not None else ""),
     )
 
 
@@ -216,6 +239,9 @@ class ModelResult(Order9Outcome):
     migrate_failed: int
     elapsed_s: float
     vmstat: Mapping[str, int] = field(default_factory=dict)
+    seed: int = 0
+    huge_vmstat: Mapping[str, int] = field(default_factory=dict)
+    compact_state: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def pinned_bytes(self) -> int:
@@ -249,6 +275,9 @@ class ModelResult(Order9Outcome):
             "migrate_failed": self.migrate_failed,
             "elapsed_s": round(self.elapsed_s, 3),
             "vmstat": dict(self.vmstat),
+            "seed": self.seed,
+            "hugepage_loop_vmstat": dict(self.huge_vmstat),
+            "compact_state": dict(self.compact_state),
         }
 
 
@@ -282,9 +311,37 @@ def pool_layout(knobs: Knobs) -> tuple[int, int]:
     return blocks, blocks * MAX_BLOCK_PAGES + rest
 
 
-def run_model(scenario: Scenario, knobs: Knobs | None = None) -> ModelResult:
-    """Play one scenario on a fresh pool (see the module doc); deterministic for given knobs."""
+@dataclass(frozen=True)
+class Carry:
+    """What the zone remembers from the scenarios played before in the same boot: the deferral
+    (compact_considered, compact_defer_shift, compact_order_failed) and whether a direct
+    compaction's scanners met since kswapd last slept (compact_blockskip_flush). The pool is
+    rebuilt, and /init's compact_memory between scenarios does not touch these."""
+
+    considered: int = 0
+    defer_shift: int = 0
+    order_failed: int = 0
+    blockskip_flush: bool = False
+
+    @classmethod
+    def after(cls, result: ModelResult) -> Carry:
+        st = result.compact_state
+        return cls(
+            int(st["compact_considered"]),
+            int(st["compact_defer_shift"]),
+            int(st["compact_order_failed"]),
+            bool(st["compact_blockskip_flush"]),
+        )
+
+
+def run_model(
+    scenario: Scenario, knobs: Knobs | None = None, seed: int = 0, carry: Carry | None = None
+) -> ModelResult:
+    """Play one scenario on a fresh pool (see the module doc); deterministic for given knobs,
+    seed (it draws only when kswapd sleeps during the hugepage loop) and ``carry`` (the zone's
+    deferral from the scenarios before it in the same boot; none: the boot's first)."""
     knobs = knobs or Knobs()
+    rng = random.Random(seed)
     t0 = time.perf_counter()
     bg_blocks, pool_pages = pool_layout(knobs)
     mm = MemoryManager(pool_pages * PAGE_SIZE, design=Design.PINNED)
@@ -298,6 +355,12 @@ def run_model(scenario: Scenario, knobs: Knobs | None = None) -> ModelResult:
         for piece in pieces[1::2]:
             mm.free_kernel(piece)
         background_pages = pool_pages - mm.buddy.free_pages
+        mm.compact()  # /init compacts before every scenario
+        if carry is not None:
+            st = mm.compact_state
+            st.considered, st.defer_shift = carry.considered, carry.defer_shift
+            st.order_failed, st.blockskip_flush = carry.order_failed, carry.blockskip_flush
+        mm.compact_state.scanner_sees_pins = True  # FOLL_LONGTERM pins of anonymous memory
         # The program's own pages, handed out just before its first chunk.
         for _ in range(knobs.offset_pages):
             mm.alloc_kernel(0, MigrateType.MOVABLE)
@@ -313,17 +376,15 @@ def run_model(scenario: Scenario, knobs: Knobs | None = None) -> ModelResult:
             mm.truncate(obj, chunk_pages * PAGE_SIZE)
             mm.populate(obj, 0, chunk_pages, zero=False)
             chunks.append(obj)
-        freed = 0
-        for obj in chunks[1::2]:
-            mm.destroy_object(obj)
-            freed += 1
-        kept = chunks[0::2]
-        if scenario.pin == "all":
-            to_pin = kept
-        elif scenario.pin == "half":
-            to_pin = kept[0::2]
-        else:
-            to_pin = []
+        free = scenario.free
+        kept = []
+        for i, obj in enumerate(chunks):
+            if free[i % len(free)] == "1":
+                mm.destroy_object(obj)
+            else:
+                kept.append(obj)
+        pins = scenario.pins
+        to_pin = [obj for j, obj in enumerate(kept) if pins[j % len(pins)] == "1"]
         for obj in to_pin:
             mm.pin_pages(obj.pages.copy())
 
@@ -334,12 +395,31 @@ def run_model(scenario: Scenario, knobs: Knobs | None = None) -> ModelResult:
         after = _snapshot(mm)
         vm1 = dict(mm.refresh_gauges())
 
+        def kswapd_slept() -> bool:
+            return rng.random() < KSWAPD_SLEEP_CHANCE
+
         huge: list[int] = []
-        while (block := mm.alloc_high_order(PAGEBLOCK_ORDER, MigrateType.MOVABLE)) is not None:
+        while True:
+            slow = page_alloc.alloc_pages_slowpath(
+                mm,
+                PAGEBLOCK_ORDER,
+                MigrateType.MOVABLE,
+                "hugetlb",
+                kswapd=kswapd_slept,
+                other_zone_ok=knobs.other_zone_blocks > 0,
+            )
+            block = page_alloc.drive(mm, slow)
+            if block is None:
+                break
             huge.append(block)
+        vm2 = dict(mm.refresh_gauges())
+        state = mm.compact_state.to_json()
         for block in huge:
             mm.free_kernel(block)
         delta = {k: v - vm0.get(k, 0) for k, v in vm1.items()}
+        huge_delta = {
+            k: v - vm1.get(k, 0) for k, v in vm2.items() if k.startswith(("compact_", "htlb_"))
+        }
         return ModelResult(
             scenario=scenario,
             knobs=knobs,
@@ -348,7 +428,7 @@ def run_model(scenario: Scenario, knobs: Knobs | None = None) -> ModelResult:
             background_pages=background_pages,
             chunk_bytes=chunk_pages * PAGE_SIZE,
             chunks_allocated=nchunks,
-            chunks_freed=freed,
+            chunks_freed=nchunks - len(kept),
             chunks_kept=len(kept),
             chunks_pinned=len(to_pin),
             before=before,
@@ -358,18 +438,9 @@ def run_model(scenario: Scenario, knobs: Knobs | None = None) -> ModelResult:
             migrate_failed=delta.get("pgmigrate_fail", 0),
             elapsed_s=time.perf_counter() - t0,
             vmstat=delta,
+            seed=seed,
+            huge_vmstat=huge_delta,
+            compact_state=state,
         )
     finally:
         mm.close()
-
-
-def phase_variants(scenario: Scenario, knobs: Knobs) -> list[Knobs]:
-    """The knobs to try for a scenario whose outcome depends on which part of a pageblock the
-    chunk stream starts in: with ``pin = "half"`` and chunks smaller than a pageblock, the stream
-    shifted by one chunk (the other phase of the kept/freed pattern); else just ``knobs``. The
-    kernel's before-state cannot tell these apart (the holes split alike)."""
-    chunk_pages = scenario.chunk_kib * 1024 // PAGE_SIZE
-    if scenario.pin != "half" or chunk_pages >= PAGEBLOCK_NR_PAGES:
-        return [knobs]
-    other = (knobs.offset_pages + chunk_pages) % PAGEBLOCK_NR_PAGES
-    return [knobs, replace(knobs, offset_pages=other)]
