@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from gemfs import procfs
-from gemfs.mm import CompactionPolicy, GemObject, MemoryManager, MigrateMode, ObjectError, ObjId
+from gemfs.mm import GemObject, MemoryManager, MigrateMode, ObjectError, ObjId
 from gemfs.mm.types import PAGE_SIZE, OutOfMemory
 
 MIGRATION_WAIT_S = 30.0  # longest a truncate waits for pages being migrated
@@ -236,8 +236,7 @@ class GemFS(pyfuse3.Operations):
 
     async def compact_all(self) -> None:
         """compact_memory: compact the whole pool, letting other requests in between batches."""
-        policy = CompactionPolicy(self.mm.pool.nr_pageblocks, order=-1, mode=MigrateMode.SYNC)
-        for _batch in self.mm.iter_policy(policy):
+        for _batch in self.mm.iter_policy(self.mm.compact_policy(-1, MigrateMode.SYNC)):
             await trio.lowlevel.checkpoint()
 
     async def _store_fault(self, text: str) -> None:

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from gemfs.mm.types import Design
-from tests.workloads import BUSY
+from tests.workloads import BUSY, EXAMPLES
 from tools.inproc_backend import InprocBackend
 from tools.player import NONDETERMINISTIC, play
 from tools.stack_backend import StackBackend
-from tools.workload import parse_workload
+from tools.workload import load_workload, parse_workload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mount]
 
@@ -47,6 +47,16 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     elif a == b:
         return []
     return [f"{path}: inproc {a!r} stack {b!r}"]
+
+
+def test_explicit_compaction_is_the_same_on_both() -> None:
+    """compact_memory (the selftest replica's compact phase) and the probes after it: the
+    core's own compaction with its zone state, in process and over the socket."""
+    w = load_workload(EXAMPLES / "compaction-test.toml")
+    a = play(w, InprocBackend(w, Design.NOTIFIER), Design.NOTIFIER).record
+    b = play(w, StackBackend(w, Design.NOTIFIER), Design.NOTIFIER).record
+    assert _diff(_comparable(a.to_json()), _comparable(b.to_json())) == []
+    assert a.order9_after > 0.9 * a.order9_ideal
 
 
 @pytest.mark.parametrize("design", list(Design))

@@ -365,7 +365,8 @@ class StackBackend:
 
     # -- compaction and time ----------------------------------------------------------------
     def compact(self) -> None:
-        self.stack.compact_once()
+        """echo 1 > compact_memory: the core's own compaction (its zone state, as in process)."""
+        self.core.call("compact", {})
 
     def advance(self, seconds: float) -> None:
         self.core.call("advance", {"seconds": max(0.0, seconds)})

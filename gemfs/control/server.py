@@ -28,7 +28,7 @@ from gemfs.control import arrays
 from gemfs.control.arrays import pack_i32, pack_i64
 from gemfs.control.peer import CallError, Credentials, Peer, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
-from gemfs.mm import CompactionPolicy, CompactResult, GemObject, MemoryManager, MigrateMode
+from gemfs.mm import CompactResult, GemObject, MemoryManager, MigrateMode
 from gemfs.mm.contig import MAX_CONTIG_ORDER, ContigPolicy
 from gemfs.mm.core import MigrateOutcome, ObjectError, Policy
 from gemfs.mm.costs import CostTable, Task
@@ -712,9 +712,8 @@ class ControlServer:
             return Answer.failure("protocol")
 
     async def compact(self, order: int = -1, mode: MigrateMode = MigrateMode.SYNC) -> CompactResult:
-        """compact_zone() with the core's own policy, callbacks awaited."""
-        policy = CompactionPolicy(self.mm.pool.nr_pageblocks, order=order, mode=mode)
-        return await self.run_policy(policy)
+        """compact_zone() with the core's own policy (as in process), callbacks awaited."""
+        return await self.run_policy(self.mm.compact_policy(order, mode))
 
     async def run_policy(self, policy: Policy, task: Task | None = None) -> CompactResult:
         mm = self.mm

@@ -821,15 +821,22 @@ class MemoryManager:
         self.vmstat.inc("compact_migrate_scanned", stats.migrate_scanned)
         self.vmstat.inc("compact_free_scanned", stats.free_scanned)
 
+    def compact_policy(
+        self, order: int = -1, mode: MigrateMode = MigrateMode.SYNC
+    ) -> CompactionPolicy:
+        """The policy of an explicit compaction (compact_memory for order -1), for whoever
+        drives it: in process, the control server, the mount's .gemfs/compact_memory."""
+        state = self.compact_state if order < 0 else None
+        return CompactionPolicy(
+            self.pool.nr_pageblocks, order=order, mode=mode, state=state, ignore_skip_hint=True
+        )
+
     def compact(self, order: int = -1, mode: MigrateMode = MigrateMode.SYNC) -> CompactResult:
         """compact_memory (order -1, whole pool) or compaction for one order.
 
         compact_memory is compact_node(): the whole zone, skip hints ignored (it still sets them
         and moves the cached scanners, as the kernel's does)."""
-        state = self.compact_state if order < 0 else None
-        policy = CompactionPolicy(
-            self.pool.nr_pageblocks, order=order, mode=mode, state=state, ignore_skip_hint=True
-        )
+        policy = self.compact_policy(order, mode)
         if order >= 0:
             self.vmstat.inc("compact_stall")
         result = self.run_policy(policy)
