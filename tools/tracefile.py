@@ -321,7 +321,9 @@ def parse_trace(text: str, name: str = "<trace>") -> Trace:
         try:
             snap.buddyinfo  # noqa: B018 - parse now, so a bad snapshot is refused up front
         except (KeyError, ProcParseError) as exc:
-            raise TraceFormatError(name, 0, f"/proc/buddyinfo in snapshot {index}", str(exc))
+            raise TraceFormatError(
+                name, 0, f"/proc/buddyinfo in snapshot {index}", str(exc)
+            ) from None
     return trace
 
 

@@ -34,6 +34,7 @@ from gemfs.mm.pool import (
     Bools,
     PagePool,
 )
+from gemfs.mm.trace import Tracer
 from gemfs.mm.types import (
     NR_MIGRATETYPES,
     NR_ORDERS,
@@ -144,6 +145,15 @@ class MemoryManager:
         self.allocs = AllocStats()
         self._task: Task | None = None  # the task a direct compaction is charged to
 
+    @property
+    def tracer(self) -> Tracer | None:
+        """Where the model's tracepoints go (None: off); see gemfs.mm.trace."""
+        return self.buddy.tracer
+
+    @tracer.setter
+    def tracer(self, tracer: Tracer | None) -> None:
+        self.buddy.tracer = tracer
+
     def close(self) -> None:
         self.pool.close()
 
@@ -195,6 +205,8 @@ class MemoryManager:
         self.pins.drop_object(obj.id)
 
     def _release_frames(self, pfns: I64) -> None:
+        if self.tracer is not None:
+            self.tracer.page_free_run(pfns.tolist())
         self.pool.pin[pfns] = 0
         self.buddy.free_pfns(pfns)
         self.vmstat.inc("pgfree", len(pfns))
@@ -438,6 +450,8 @@ class MemoryManager:
 
     def free_kernel(self, pfn: int) -> None:
         order = self.kernel_pages.pop(pfn)
+        if self.tracer is not None:
+            self.tracer.mm_page_free(pfn, order)
         self.buddy.free_pfns(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
         self.vmstat.inc("pgfree", 1 << order)
 
@@ -580,6 +594,8 @@ class MemoryManager:
         if len(unused):
             self.buddy.release_targets(unused)
         old = src[moved]
+        if self.tracer is not None:
+            self.tracer.page_free_run(old.tolist())
         if len(old):
             p.flags[old] = PG_ALLOC
             self.buddy.free_pfns(old)
@@ -594,6 +610,8 @@ class MemoryManager:
         v.inc("pgmigrate_fail", int(np.count_nonzero(valid)) - success)
         v.inc("pgmigrate_eagain", eagain)
         v.inc("pgmigrate_permanent", permanent)
+        if self.tracer is not None:
+            self.tracer.migrate_batch(success, int(np.count_nonzero(valid)) - success, batch.mode)
         return MigrateOutcome(res, success, eagain, permanent)
 
     # -- compaction -------------------------------------------------------------------------
@@ -622,6 +640,8 @@ class MemoryManager:
         """
         task = task or self._task or Task(self.clock.now)
         scanned = 0
+        if self.tracer is not None:
+            self.tracer.compaction_begin(policy, self.pool.nr_pages)
         while (batch := policy.next_batch(self)) is not None:
             scanned = self.charge_scan(policy.stats, scanned, task)
             out = self.migrate_pages(batch.src, batch.dst, policy.mode, task)
@@ -629,6 +649,8 @@ class MemoryManager:
             yield batch
         self.charge_scan(policy.stats, scanned, task)
         self._account_compaction(policy.stats)
+        if self.tracer is not None:
+            self.tracer.compaction_end(policy, self.pool.nr_pages)
 
     def charge_scan(self, stats: CompactStats, already: int, task: Task) -> int:
         """Charge the pages the scanners looked at since ``already``; the new total."""

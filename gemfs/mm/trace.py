@@ -8,20 +8,23 @@ real trace). It keeps the newest lines in a bounded buffer and counts what it dr
 kernel's ring buffer in overwrite mode; readers take lines from a cursor (``.gemfs/trace_pipe``)
 and sinks get every line as it is made (``gemfs run --trace FILE``). No I/O here.
 
-Two printings differ between kernels and are options: ``pfn`` is hexadecimal (``pfn=0x1e06b7``)
-since Linux 5.17 and decimal before, and ``--`` the header's flags column has five characters
-since 5.18 (``.....``) and four before.
+Printings that differ between kernels are options; the defaults are Debian 12's 6.1 (the QEMU
+guest's kernel): ``pfn`` hexadecimal (``pfn=0x1e06b7``; older kernels print it in decimal), a
+flags column of five characters (``.....``; four on older kernels), and ``mm_migrate_pages``
+without the ``nr_split=`` that newer kernels (6.18 here) print after ``nr_thp_split=``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from gemfs.mm.types import MigrateMode, MigrateType
+import numpy as np
+import numpy.typing as npt
 
-PAGEBLOCK_ORDER = 9
+from gemfs.mm.compaction import CompactionPolicy
+from gemfs.mm.types import PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, MigrateMode, MigrateType
 
 MIGRATE_MODES = {
     MigrateMode.ASYNC: "MIGRATE_ASYNC",
@@ -69,12 +72,14 @@ class Tracer:
         capacity: int = 65536,
         pfn_hex: bool = True,
         flags_width: int = 5,
+        nr_split: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.clock = clock
         self.comm, self.pid, self.cpu = comm, pid, cpu
         self.pfn_hex = pfn_hex
+        self.nr_split = nr_split
         self.flags = "." * flags_width
         self.lines: deque[str] = deque(maxlen=capacity)
         self.written = 0  # every line ever made; the buffer holds the last len(lines)
@@ -95,7 +100,7 @@ class Tracer:
     def emit(self, event: str, body: str) -> str:
         t = self.clock()
         secs = int(t)
-        usecs = int(round((t - secs) * 1e6))
+        usecs = round((t - secs) * 1e6)
         if usecs >= 1_000_000:
             secs, usecs = secs + 1, usecs - 1_000_000
         line = (
@@ -136,6 +141,24 @@ class Tracer:
             f"change_ownership={int(change_ownership)}",
         )
 
+    def page_alloc_run(self, pfn: int, n: int, mt: int) -> None:
+        """``n`` order-0 allocations from ``pfn`` up (a bulk populate, as the kernel traces it)."""
+        for p in range(pfn, pfn + n):
+            self.mm_page_alloc(p, 0, mt)
+
+    def page_free_run(self, pfns: Sequence[int]) -> None:
+        """Order-0 frees of these frames (the kernel frees folios of file pages page by page)."""
+        for p in pfns:
+            self.mm_page_free(p, 0)
+
+    def extfrag(
+        self, pfn: int, order: int, fallback_order: int, alloc_mt: int, fallback_mt: int,
+        pageblock_mt: npt.NDArray[np.uint8],
+    ) -> None:  # fmt: skip
+        """After a fallback: ``change_ownership`` is whether the block is now the request's."""
+        owned = int(pageblock_mt[pfn >> PAGEBLOCK_ORDER]) == int(alloc_mt)
+        self.mm_page_alloc_extfrag(pfn, order, fallback_order, alloc_mt, fallback_mt, owned)
+
     # -- migrate ------------------------------------------------------------------------------
     def mm_migrate_pages(
         self, succeeded: int, failed: int, mode: MigrateMode, reason: str = "compaction"
@@ -143,8 +166,15 @@ class Tracer:
         self.emit(
             "mm_migrate_pages",
             f"nr_succeeded={succeeded} nr_failed={failed} nr_thp_succeeded=0 nr_thp_failed=0 "
-            f"nr_thp_split=0 nr_split=0 mode={MIGRATE_MODES[mode]} reason={reason}",
+            f"nr_thp_split=0 {'nr_split=0 ' if self.nr_split else ''}"
+            f"mode={MIGRATE_MODES[mode]} reason={reason}",
         )
+
+    def migrate_batch(self, succeeded: int, failed: int, mode: MigrateMode) -> None:
+        """One migration batch: the kernel prints mm_compaction_migratepages, then
+        mm_migrate_pages."""
+        self.mm_compaction_migratepages(succeeded, failed)
+        self.mm_migrate_pages(succeeded, failed, mode)
 
     # -- compaction ---------------------------------------------------------------------------
     def mm_compaction_begin(
@@ -170,6 +200,26 @@ class Tracer:
             f"zone_start=0x{zone_start:x} migrate_pfn=0x{migrate_pfn:x} free_pfn=0x{free_pfn:x} "
             f"zone_end=0x{zone_end:x}, mode={'sync' if sync else 'async'} "
             f"status={COMPACT_STATUS[status]}",
+        )
+
+    def compaction_begin(self, policy: CompactionPolicy, nr_pages: int) -> None:
+        self.mm_compaction_begin(
+            0,
+            policy.migrate_block * PAGEBLOCK_NR_PAGES,
+            policy.free_block * PAGEBLOCK_NR_PAGES,
+            nr_pages,
+            policy.mode != MigrateMode.ASYNC,
+        )
+
+    def compaction_end(self, policy: CompactionPolicy, nr_pages: int) -> None:
+        status = {"skipped": 1, "continue": 4, "success": 8, "complete": 5}[policy.result.value]
+        self.mm_compaction_end(
+            0,
+            policy.migrate_block * PAGEBLOCK_NR_PAGES,
+            policy.free_block * PAGEBLOCK_NR_PAGES,
+            nr_pages,
+            policy.mode != MigrateMode.ASYNC,
+            status,
         )
 
     def mm_compaction_migratepages(self, migrated: int, failed: int) -> None:
