@@ -50,7 +50,15 @@ import numpy as np
 from gemfs.mm.buddy import BuddyAllocator
 from gemfs.mm.compaction import CompactionPolicy
 from gemfs.mm.core import MemoryManager
-from gemfs.mm.pool import OWNER_KERNEL, OWNER_NONE, PG_ALLOC, PG_FREE, PG_MT_SHIFT, PG_OBJECT
+from gemfs.mm.pool import (
+    OWNER_KERNEL,
+    OWNER_NONE,
+    PG_ALLOC,
+    PG_FREE,
+    PG_MT_SHIFT,
+    PG_OBJECT,
+    PG_TARGET,
+)
 from gemfs.mm.types import (
     MAX_ORDER,
     NR_ORDERS,
@@ -88,6 +96,8 @@ class Sample:
     model_extfrag: int
     kernel_compact: dict[str, int]
     model_compact: dict[str, int]
+    in_compaction: bool = False
+    """Taken while a kernel compaction was under way (the model runs its own at the end)."""
 
     @property
     def divergence(self) -> float:
@@ -347,9 +357,10 @@ class Replayer:
     def _take_exact(self, p: int, order: int, mt: int) -> bool:
         n = 1 << order
         pool = self.mm.pool
-        if p + n > self.nr or not np.all(pool.flags[p : p + n] == pool.flags[p : p + n] & PG_FREE):
+        if p < 0 or p + n > self.nr:
             return False
-        if not np.all(pool.flags[p : p + n] & PG_FREE):
+        seg = pool.flags[p : p + n]
+        if not np.all(seg & PG_FREE) or np.any(seg & PG_TARGET):
             return False
         pfns = np.arange(p, p + n, dtype=np.int64)
         self.mm.buddy.isolate_free(pfns)
@@ -496,6 +507,7 @@ class Replayer:
             model_extfrag=mm.buddy.fallbacks - self._fallbacks0,
             kernel_compact=kcomp,
             model_compact={k: mm.vmstat[k] for k in keys},
+            in_compaction=bool(self.windows),
         )
 
     def run(self) -> ReplayResult:
@@ -591,6 +603,7 @@ def format_table(results: Sequence[ReplayResult]) -> str:
                 f"{s.kernel_compact['compact_fail']:>4}/{s.model_compact['compact_fail']:<4} "
                 f"{kb['Unmovable']}/{kb['Movable']}/{kb['Reclaimable']} | "
                 f"{mb['Unmovable']}/{mb['Movable']}/{mb['Reclaimable']} mixed(m) {s.model_mixed}"
+                + ("  (kernel compacting)" if s.in_compaction else "")
             )
         lines.append("(per order: kernel/model free blocks)")
         if r.choices:
