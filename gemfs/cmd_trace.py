@@ -41,9 +41,27 @@ def _progress(stats: RecordStats) -> None:
     help="Ring buffer per CPU; events it overwrites before being read are counted as lost.",
 )
 @click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True)
+@click.option(
+    "--kpageflags",
+    is_flag=True,
+    help="Also snapshot the free runs of /proc/kpageflags (the kernel's exact free layout; "
+    "slow on a big machine, so taken only as often as it costs a quarter of the interval).",
+)
+@click.option(
+    "--pfn-range",
+    metavar="LO:HI",
+    help="Record page events of these frames only (a tracefs filter) and snapshot their "
+    "kpageflags every time: a window of a zone too large to replay whole.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record_cmd(
-    duration: float | None, out: str, buffer_kb: int, interval: float, command: tuple[str, ...]
+    duration: float | None,
+    out: str,
+    buffer_kb: int,
+    interval: float,
+    kpageflags: bool,
+    pfn_range: str | None,
+    command: tuple[str, ...],
 ) -> None:
     """Record the kernel's page allocator (tracefs, as root) while COMMAND runs or for S seconds.
 
@@ -51,8 +69,26 @@ def record_cmd(
     """
     if duration is None and not command:
         duration = 10.0
+    span: tuple[int, int] | None = None
+    if pfn_range is not None:
+        try:
+            lo, hi = (int(x, 0) for x in pfn_range.split(":"))
+        except ValueError:
+            raise click.BadParameter(
+                "expected LO:HI (frame numbers)", param_hint="--pfn-range"
+            ) from None
+        if not 0 <= lo < hi:
+            raise click.BadParameter("expected LO < HI", param_hint="--pfn-range")
+        span = (lo, hi)
     try:
-        recorder = Recorder(Path(out), buffer_kb=buffer_kb, interval=interval, progress=_progress)
+        recorder = Recorder(
+            Path(out),
+            buffer_kb=buffer_kb,
+            interval=interval,
+            progress=_progress,
+            kpageflags=kpageflags,
+            pfn_range=span,
+        )
         stats = recorder.run(duration, command)
     except RecordUnavailable as exc:
         raise click.ClickException(str(exc)) from None

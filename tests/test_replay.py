@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from gemfs.cli import main
 from gemfs.mm.core import MemoryManager
+from gemfs.mm.pool import PG_FREE
 from gemfs.mm.trace import Tracer
 from gemfs.mm.types import MigrateType
 from tools.replay import Replayer, divergence, replay
@@ -38,6 +41,14 @@ def zoneinfo(start: int, pages: int) -> str:
     )
 
 
+def free_runs(mm: MemoryManager) -> list[str]:
+    """What gemfs record --kpageflags writes: runs of free frames, ``start pages``."""
+    free = ((mm.pool.flags & PG_FREE) != 0).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], free, [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [f"{a} {b - a}" for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
 def model_record(tmp_path: Path) -> Path:
     """A record of the model itself (the kernel's formats throughout): objects created and
     destroyed in a pattern that fragments, with unmovable allocations in between."""
@@ -62,6 +73,8 @@ def model_record(tmp_path: Path) -> Path:
                 *mm.vmstat_text().splitlines(),
                 "#@file /proc/zoneinfo",
                 *zoneinfo(0, mm.pool.nr_pages).splitlines(),
+                "#@file kpageflags-free",
+                *free_runs(mm),
                 "#@end",
             ]
         )
@@ -99,6 +112,16 @@ def test_the_model_replays_its_own_record_exactly(tmp_path: Path) -> None:
         assert sample.divergence == 0.0
     assert result.counts.get("placement_conflicts", 0) == 0
     assert result.counts.get("unmatched_frees", 0) == 0
+
+
+def test_a_window_of_a_zone_too_big_replays_against_kpageflags(tmp_path: Path) -> None:
+    trace = read_trace(model_record(tmp_path))
+    (result,) = replay(trace, ["pinned"], placement="kernel", max_pool=8 << 20)
+    assert result.pool_pages == 2048  # half of the 16 MiB zone
+    assert result.counts["start_from_kpageflags"] == 1
+    for sample in result.samples:
+        assert sample.model_free == sample.kernel_free, sample.snapshot
+    assert result.counts.get("placement_conflicts", 0) == 0
 
 
 def test_model_placement_stays_close_on_the_models_own_record(tmp_path: Path) -> None:
@@ -182,7 +205,15 @@ def test_replay_command(tmp_path: Path) -> None:
     assert f"{bad}:2: expected 'TASK-PID [CPU] TIMESTAMP: EVENT: FIELDS'" in refused.output
 
 
-def test_replayer_zone_too_big_is_one_line(tmp_path: Path) -> None:
-    trace = read_trace(model_record(tmp_path))
-    with pytest.raises(ValueError, match="more than --max-pool 1 MiB"):
+def test_replayer_zone_too_big_without_kpageflags_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "plain.trace"
+    path.write_text(
+        "\n".join(
+            line
+            for line in gzip.decompress(model_record(tmp_path).read_bytes()).decode().split("\n")
+            if line != "#@file kpageflags-free" and not re.fullmatch(r"\d+ \d+", line)
+        )
+    )
+    trace = read_trace(path)
+    with pytest.raises(ValueError, match="more than --max-pool 1 MiB, and the record has no"):
         Replayer(trace, max_pool=1 << 20)

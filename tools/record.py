@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import select
 import subprocess
@@ -22,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+import numpy as np
 
 from tools.tracefile import RECORD_MAGIC, SNAPSHOT_MARK
 
@@ -97,8 +100,41 @@ class RecordStats:
     command_status: int | None = None
 
 
-def snapshot_block(index: int, files: Sequence[str] = SNAPSHOT_FILES) -> str:
-    """The ``#@snapshot`` block of a record (see tools/tracefile.py) with the files as read now."""
+KPAGEFLAGS = Path("/proc/kpageflags")
+KPF_BUDDY = 10
+
+
+def kpageflags_free_runs(pfn_range: tuple[int, int] | None = None, path: Path = KPAGEFLAGS) -> str:
+    """Runs of pages on the buddy free lists, from /proc/kpageflags (KPF_BUDDY is set on every
+    page of a free block, not on pages in per-CPU lists): ``start_pfn pages`` per line. The
+    kernel's exact free layout, which buddyinfo only counts; the replay uses it to start from
+    the kernel's own layout and to compare a window of a zone too large to model whole."""
+    chunks = []
+    lo, hi = pfn_range or (0, 1 << 62)
+    left = (hi - lo) * 8
+    with path.open("rb", buffering=0) as f:  # read(2) of a size it takes; -1 gives EINVAL
+        f.seek(lo * 8)
+        while left > 0 and (chunk := f.read(min(1 << 24, left))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    data = b"".join(chunks)
+    flags = np.frombuffer(data[: len(data) // 8 * 8], dtype=np.uint64)
+    free = ((flags >> np.uint64(KPF_BUDDY)) & np.uint64(1)).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], free, [0])))
+    starts = np.flatnonzero(edges == 1) + lo
+    ends = np.flatnonzero(edges == -1) + lo
+    return "".join(f"{s} {e - s}\n" for s, e in zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def snapshot_block(
+    index: int,
+    files: Sequence[str] = SNAPSHOT_FILES,
+    *,
+    kpageflags: bool = False,
+    pfn_range: tuple[int, int] | None = None,
+) -> str:
+    """The ``#@snapshot`` block of a record (see tools/tracefile.py) with the files as read now;
+    with ``kpageflags``, also the free runs (``#@file kpageflags-free``)."""
     parts = [f"#@snapshot {index}"]
     for name in files:
         try:
@@ -107,6 +143,14 @@ def snapshot_block(index: int, files: Sequence[str] = SNAPSHOT_FILES) -> str:
             continue
         parts.append(f"#@file {name}")
         parts.append(text.rstrip("\n"))
+    if kpageflags:
+        try:
+            runs = kpageflags_free_runs(pfn_range)
+        except OSError:
+            runs = None
+        if runs is not None:
+            parts.append("#@file kpageflags-free")
+            parts.append(runs.rstrip("\n"))
     parts.append("#@end")
     return "\n".join(parts) + "\n"
 
@@ -124,6 +168,8 @@ class Recorder:
         interval: float = 1.0,
         events: Sequence[str] = EVENTS,
         progress: Callable[[RecordStats], None] | None = None,
+        kpageflags: bool = False,
+        pfn_range: tuple[int, int] | None = None,
     ) -> None:
         self.tracefs = tracefs or find_tracefs()
         self.out = out
@@ -131,6 +177,8 @@ class Recorder:
         self.interval = interval
         self.events = events
         self.progress = progress
+        self.kpageflags = kpageflags or pfn_range is not None
+        self.pfn_range = pfn_range
         self.stats = RecordStats(out)
         self.instance = self.tracefs / "instances" / f"gemfs-record-{os.getpid()}"
 
@@ -153,6 +201,13 @@ class Recorder:
                 self.stats.enabled.append(event)
             except OSError:
                 self.stats.missing.append(event)
+        if self.pfn_range is not None:  # only the page events of this range (kernel-side filter)
+            lo, hi = self.pfn_range
+            for event in self.stats.enabled:
+                if event.startswith("kmem:"):
+                    system, name = event.split(":")
+                    where = self.instance / "events" / system / name / "filter"
+                    where.write_text(f"pfn >= {lo} && pfn < {hi}")
         if not any(e.startswith("kmem:mm_page") for e in self.stats.enabled):
             raise RecordUnavailable("this kernel has no kmem:mm_page_alloc/free tracepoints")
 
@@ -212,10 +267,16 @@ class Recorder:
         index = 0
         start = time.monotonic()
 
-        def snap() -> None:
-            nonlocal index
+        every = 1
+
+        def snap(last: bool = False) -> None:
+            nonlocal index, every
             marker.write_text(f"{SNAPSHOT_MARK} {index}\n")
-            f.write(snapshot_block(index))
+            t0 = time.monotonic()
+            kpf = self.kpageflags and (index % every == 0 or last)
+            f.write(snapshot_block(index, kpageflags=kpf, pfn_range=self.pfn_range))
+            if index == 0:  # reading kpageflags is slow on a big machine: only as often as
+                every = max(1, math.ceil(4 * (time.monotonic() - t0) / self.interval))  # 1/4
             index += 1
             self.stats.snapshots = index
 
@@ -256,7 +317,7 @@ class Recorder:
                 if self.progress is not None:
                     self.stats.lost = self._lost()
                     self.progress(self.stats)
-        snap()  # the marker must go in while tracing is on
+        snap(last=True)  # the marker must go in while tracing is on
         self._write("tracing_on", "0")
         drain()
         if rest:

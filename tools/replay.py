@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from gemfs.mm.buddy import BuddyAllocator
 from gemfs.mm.compaction import CompactionPolicy
@@ -212,13 +213,13 @@ class Replayer:
         self.base = self.zone.start_pfn & ~(MAX_BLOCK - 1)
         end = self.zone.end_pfn
         self.nr = -(-(end - self.base) // MAX_BLOCK) * MAX_BLOCK
-        if self.nr * PAGE_SIZE > max_pool:
-            raise ReplayError(
-                f"zone {self.zone.name} spans {self.nr * PAGE_SIZE >> 20} MiB, more than "
-                f"--max-pool {max_pool >> 20} MiB; pick a smaller zone with --zone"
-            )
-        self.lo, self.hi = self.zone.start_pfn - self.base, end - self.base
         self.counts: dict[str, int] = {}
+        self.window = self.nr * PAGE_SIZE > max_pool
+        if self.window:
+            self._pick_window(max_pool)
+        self.kstart = max(self.zone.start_pfn, self.base)
+        self.kend = min(end, self.base + self.nr)
+        self.lo, self.hi = self.kstart - self.base, self.kend - self.base
         self.events = [e for e in trace.events if self._mine(e)]
         self.mm = MemoryManager(self.nr * PAGE_SIZE, design=self.design)
         self.anon = self.mm.create_object(0, migratetype=MigrateType.MOVABLE, path="replay")
@@ -233,6 +234,53 @@ class Replayer:
         self._build_start()
 
     # -- setting up ---------------------------------------------------------------------------
+    def _pick_window(self, max_pool: int) -> None:
+        """A zone too large to model whole: replay the aligned window of ``max_pool`` with the
+        most page events, compared with the kernel's free runs in it (/proc/kpageflags)."""
+        zone, trace = self.zone, self.trace
+        snaps = trace.complete_snapshots
+        if not snaps or trace.snapshots[snaps[0]].free_runs is None:
+            raise ReplayError(
+                f"zone {zone.name} spans {self.nr * PAGE_SIZE >> 20} MiB, more than --max-pool "
+                f"{max_pool >> 20} MiB, and the record has no /proc/kpageflags free runs to "
+                "compare a window of it; pick a smaller zone with --zone"
+            )
+        size = max(1, max_pool // PAGE_SIZE // MAX_BLOCK)
+        chunks = self.nr // MAX_BLOCK
+        hist = np.zeros(chunks, dtype=np.int64)
+        for e in trace.events:
+            pfn = e.fields.get("pfn")
+            if isinstance(pfn, int) and zone.start_pfn <= pfn < zone.end_pfn:
+                hist[(pfn - self.base) // MAX_BLOCK] += 1
+        sums = np.convolve(hist, np.ones(min(size, chunks), dtype=np.int64), mode="valid")
+        best = int(np.argmax(sums))
+        self.base += best * MAX_BLOCK
+        self.nr = min(size, chunks) * MAX_BLOCK
+        self.counts["window_first_pfn"] = self.base
+        self.counts["window_pages"] = self.nr
+
+    def _runs_free(self, runs: Sequence[tuple[int, int]]) -> npt.NDArray[np.bool_]:
+        free = np.zeros(self.nr, dtype=np.bool_)
+        for start, length in runs:
+            lo, hi = max(start, self.kstart), min(start + length, self.kend)
+            if lo < hi:
+                free[lo - self.base : hi - self.base] = True
+        return free
+
+    def _runs_per_order(self, runs: Sequence[tuple[int, int]]) -> list[int]:
+        """Free blocks per order in the window: each run of free pages split into aligned
+        blocks, as the buddy allocator holds a fully merged run."""
+        out = [0] * NR_ORDERS
+        for start, length in runs:
+            lo, hi = max(start, self.kstart), min(start + length, self.kend)
+            while lo < hi:
+                o = min(MAX_ORDER, (hi - lo).bit_length() - 1)
+                if lo:
+                    o = min(o, (lo & -lo).bit_length() - 1)
+                out[o] += 1
+                lo += 1 << o
+        return out
+
     def _inc(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
@@ -241,11 +289,12 @@ class Replayer:
         if pfn is None:
             if e.name.startswith("mm_compaction_begin") or e.name == "mm_compaction_end":
                 start = e.fields.get("zone_start")
-                return isinstance(start, int) and self.base <= start < self.base + self.nr
+                zone = self.zone
+                return isinstance(start, int) and zone.start_pfn <= start < zone.end_pfn
             return True
-        ok = isinstance(pfn, int) and self.zone.start_pfn <= pfn < self.zone.end_pfn
+        ok = isinstance(pfn, int) and self.kstart <= pfn < self.kend
         if not ok:
-            self._inc(f"{e.name}_outside_zone")
+            self._inc(f"{e.name}_outside_{'window' if self.window else 'zone'}")
         return ok
 
     def _start_snapshot(self) -> tuple[list[int] | None, dict[str, int] | None]:
@@ -282,7 +331,12 @@ class Replayer:
         inside[self.lo : self.hi] = True
         free = (first == 1) & inside
         target_free, blocks = self._start_snapshot()
-        if target_free is not None:
+        snaps = self.trace.complete_snapshots
+        runs = self.trace.snapshots[snaps[0]].free_runs if snaps else None
+        if runs is not None:  # the kernel's own free layout at the start
+            free = self._runs_free(runs)
+            self.counts["start_from_kpageflags"] = 1
+        elif target_free is not None:
             budget = sum(c << o for o, c in enumerate(target_free)) - int(free.sum())
             unknown = (first == 0) & inside
             for order in range(MAX_ORDER, -1, -1):
@@ -302,7 +356,8 @@ class Replayer:
         # pageblock types: inferred ones, then the rest by the first pagetypeinfo's counts
         types = block_type.astype(np.int16)
         if blocks is not None:
-            want = [blocks.get(n, 0) for n in TYPE_NAMES]
+            scale = self.nr / max(1, self.zone.spanned) if self.window else 1.0
+            want = [round(blocks.get(n, 0) * scale) for n in TYPE_NAMES]
             want[0] += sum(v for k, v in blocks.items() if k not in TYPE_NAMES)
             have = [int(np.count_nonzero(types == t)) for t in range(3)]
             free_per_block = free.reshape(-1, PAGEBLOCK_NR_PAGES).sum(axis=1)
@@ -485,7 +540,8 @@ class Replayer:
         snap = self.trace.snapshots[index]
         pti = snap.pagetypeinfo
         kblocks = pti.blocks_by_type(self.zone.name) if pti else {}
-        kblocks = {n: kblocks.get(n, 0) for n in TYPE_NAMES}
+        scale = self.nr / max(1, self.zone.spanned) if self.window else 1.0
+        kblocks = {n: round(kblocks.get(n, 0) * scale) for n in TYPE_NAMES}
         mixed = None
         if pti and pti.mixed_blocks:
             mixed = sum(v for (_, z, _), v in pti.mixed_blocks.items() if z == self.zone.name)
@@ -497,7 +553,11 @@ class Replayer:
         return Sample(
             snapshot=index,
             t=t,
-            kernel_free=list(snap.buddyinfo.per_order(self.zone.name)),
+            kernel_free=(
+                self._runs_per_order(snap.free_runs or [])
+                if self.window
+                else list(snap.buddyinfo.per_order(self.zone.name))
+            ),
             model_free=mm.free_blocks_per_order(),
             kernel_blocks=kblocks,
             model_blocks=mblocks,
@@ -527,6 +587,9 @@ class Replayer:
             by_pos.setdefault(k, []).append(s)
         base_vm = self.trace.snapshots[snaps[0]].vmstat if snaps else {}
         t = self.events[0].ts if self.events else 0.0
+        if self.window:  # the kernel side of a window needs the free runs of that snapshot
+            for k in list(by_pos):
+                by_pos[k] = [s for s in by_pos[k] if self.trace.snapshots[s].free_runs is not None]
         for i, e in enumerate(self.events):
             for s in by_pos.get(i, ()):
                 result.samples.append(self._sample(s, t, base_vm))

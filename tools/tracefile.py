@@ -141,6 +141,18 @@ class Snapshot:
         return parse_vmstat(text) if text else {}
 
     @property
+    def free_runs(self) -> list[tuple[int, int]] | None:
+        """Runs of free (buddy) pages from /proc/kpageflags, when the record has them."""
+        text = self.files.get("kpageflags-free")
+        if text is None:
+            return None
+        out = []
+        for line in text.splitlines():
+            start, _, length = line.partition(" ")
+            out.append((int(start), int(length)))
+        return out
+
+    @property
     def zones(self) -> dict[str, Zone]:
         text = self.files.get("/proc/zoneinfo")
         return parse_zoneinfo(text) if text else {}
@@ -239,17 +251,21 @@ def _fields(body: str) -> dict[str, int | str]:
     return {k: _value(k, v) for k, v in _FIELD.findall(body)}
 
 
-def read_trace(path: Path | str) -> Trace:
+MAX_EVENTS = 2_000_000
+"""Events read at most (about 1 GB in memory): a longer trace is refused, not half-replayed."""
+
+
+def read_trace(path: Path | str, max_events: int = MAX_EVENTS) -> Trace:
     """Read a trace file whole; TraceFormatError on anything malformed or truncated."""
     path = Path(path)
     try:
         text = _open_text(path)
     except OSError as exc:
         raise TraceFormatError(str(path), 0, "a readable file", exc.strerror or str(exc)) from None
-    return parse_trace(text, str(path))
+    return parse_trace(text, str(path), max_events)
 
 
-def parse_trace(text: str, name: str = "<trace>") -> Trace:
+def parse_trace(text: str, name: str = "<trace>", max_events: int = MAX_EVENTS) -> Trace:
     trace = Trace(name)
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -306,6 +322,13 @@ def parse_trace(text: str, name: str = "<trace>") -> Trace:
                 trace.snapshot_at[index] = len(trace.events)
             continue
         trace.counts[event] = trace.counts.get(event, 0) + 1
+        if len(trace.events) >= max_events:
+            raise TraceFormatError(
+                name,
+                no,
+                f"at most {max_events:,} events (record a shorter run, or a window of frames "
+                "with gemfs record --pfn-range)",
+            )
         comm = m.group("comm").strip()
         trace.events.append(
             Event(no, float(m.group("ts")), int(m.group("cpu")), comm, int(m.group("pid")),
