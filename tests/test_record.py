@@ -45,7 +45,8 @@ def test_record_two_seconds_here_and_replay_reads_it(tmp_path: Path) -> None:
     assert "snapshots" in result.output
     assert not any(p.name.startswith("gemfs-record-") for p in (tracefs / "instances").iterdir())
     trace = read_trace(out)
-    assert trace.record and len(trace.complete_snapshots) >= 3
+    assert trace.record
+    assert len(trace.complete_snapshots) >= 3
     assert trace.counts.get("mm_page_alloc", 0) > 0
     # The smallest zone with memory keeps the replay quick on any machine; the command reads
     # the whole file either way.
@@ -92,9 +93,9 @@ def test_guest_trace_replays_close_to_the_kernel(tmp_path: Path) -> None:
         bound = 45 if order <= 2 else 12 if order <= 8 else 6
         assert abs(d) <= bound, f"kernel placement, order {order}: model - kernel = {d} {where}"
     assert final.divergence <= 0.2, where
-    # Over time: 2 MiB blocks within 6 or 15% at every snapshot (but those below), and the mean divergence below
-    # 0.3 (measured 0.08-0.22; it peaks while the huge-page probe holds almost all memory and
-    # few pages are free on either side).
+    # Over time: 2 MiB blocks within 6 or 15% at every snapshot (but those below), and the mean
+    # divergence below 0.3 (measured 0.08-0.22; it peaks while the huge-page probe holds almost
+    # all memory and few pages are free on either side).
     # Snapshots taken while the kernel was compacting are left out: the model compacts at the
     # kernel's mm_compaction_end, so in between the two are at different points of one pass.
     for s in res.samples:

@@ -143,7 +143,11 @@ def test_divergence_measure() -> None:
     ("text", "line", "expected"),
     [
         ("garbage here\n", 1, "TASK-PID [CPU] TIMESTAMP: EVENT: FIELDS"),
-        (ALLOC + "\n" + ALLOC.replace("order=0 ", "") + "\n", 2, "mm_page_alloc with a field order="),
+        (
+            ALLOC + "\n" + ALLOC.replace("order=0 ", "") + "\n",
+            2,
+            "mm_page_alloc with a field order=",
+        ),
         (ALLOC.replace("pfn=0x4398", "pfn=zz"), 1, "a number in pfn= of mm_page_alloc"),
         ("# gemfs-record 1\n" + ALLOC + "\n", 2, "'#@eof' as the last line"),
         ("# gemfs-record 1\n#@snapshot 0\n#@file /proc/buddyinfo\n", 2, "'#@end' closing"),
@@ -174,13 +178,14 @@ def test_other_tools_formats_are_read() -> None:
     trace = parse_trace(f"{PERF_ALLOC}\n{TRACE_CMD_FREE}\nCPU:2 [LOST 17 EVENTS]\n", "x")
     assert [e.name for e in trace.events] == ["mm_page_alloc", "mm_page_free"]
     assert trace.events[0].fields["pfn"] == 1214576
-    assert trace.events[0].comm == "bash" and trace.events[0].cpu == 2
+    assert trace.events[0].comm == "bash"
+    assert trace.events[0].cpu == 2
     assert trace.lost == 17
 
 
 def test_replay_refuses_a_trace_without_snapshots() -> None:
     trace = parse_trace(ALLOC + "\n", "plain.trace")
-    with pytest.raises(ValueError, match="plain.trace: no snapshot markers"):
+    with pytest.raises(ValueError, match=r"plain\.trace: no snapshot markers"):
         replay(trace)
 
 
@@ -189,8 +194,18 @@ def test_replay_command(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
-        ["replay", str(path), "--design", "pinned", "--design", "gemfs", "--placement", "kernel"]
-        + ["--out", str(out)],
+        [
+            "replay",
+            str(path),
+            "--design",
+            "pinned",
+            "--design",
+            "gemfs",
+            "--placement",
+            "kernel",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "design gemfs, placement kernel" in result.output

@@ -1,7 +1,8 @@
 """The model's tracepoints against lines from real kernel traces, field for field.
 
-The guest lines come from a trace of Debian 12's 6.1 kernel in the QEMU guest (tools/record_guest.py,
-the fragmenting program), the host lines from this machine's 6.18 (tracefs instance, compact_memory).
+The guest lines come from a trace of Debian 12's 6.1 kernel in the QEMU guest
+(tools/record_guest.py, the fragmenting program), the host lines from this machine's 6.18
+(a tracefs instance, compact_memory).
 Each real line is parsed, the same values are given to :class:`gemfs.mm.trace.Tracer` with the same
 task, CPU and time, and the two lines must be equal but for the hashed ``page=`` pointer (a kernel
 address) and the irq/preempt flags column (the model has no interrupts)."""
@@ -124,17 +125,22 @@ def test_model_trace_reads_as_a_kernel_trace() -> None:
     assert trace.counts["mm_page_alloc"] == 16 + 1
     assert trace.counts["mm_page_free"] == 16 + 1
     assert trace.counts["mm_compaction_begin"] == trace.counts["mm_compaction_end"] == 1
-    free = [e for e in trace.events if e.name == "mm_page_free"][0]
-    assert free.fields["pfn"] == pfn and free.fields["order"] == 2
+    free = next(e for e in trace.events if e.name == "mm_page_free")
+    assert free.fields["pfn"] == pfn
+    assert free.fields["order"] == 2
 
 
 def test_tracer_buffer_is_bounded_and_counts_lost_lines() -> None:
     t = Tracer(lambda: 1.5, capacity=3)
     for pfn in range(5):
         t.mm_page_free(pfn, 0)
-    assert t.written == 5 and t.lost == 2
+    assert t.written == 5
+    assert t.lost == 2
     lines, cursor, lost = t.read(0)
-    assert lost == 2 and cursor == 5 and len(lines) == 3 and "pfn=0x2 " in lines[0]
+    assert lost == 2
+    assert cursor == 5
+    assert len(lines) == 3
+    assert "pfn=0x2 " in lines[0]
     assert t.read(cursor) == ([], 5, 0)
 
 
@@ -176,4 +182,5 @@ def test_run_trace_file(tmp_path: Path) -> None:
     assert trace.counts["mm_page_alloc"] > 1000
     assert {e.comm for e in trace.events} == {"shmem-hook"}
     refused = CliRunner().invoke(main, ["run", "examples/compaction-test.toml", "--trace", "x"])
-    assert refused.exit_code != 0 and "--inproc" in refused.output
+    assert refused.exit_code != 0
+    assert "--inproc" in refused.output
