@@ -4,6 +4,7 @@ the model (logic in tools/record.py, tools/tracefile.py and tools/replay.py)."""
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import cast
 
@@ -53,6 +54,12 @@ def _progress(stats: RecordStats) -> None:
     help="Record page events of these frames only (a tracefs filter) and snapshot their "
     "kpageflags every time: a window of a zone too large to replay whole.",
 )
+@click.option(
+    "--guest",
+    is_flag=True,
+    help="Record in a QEMU guest instead (the host's kernel, TCG, 256 MiB) running the "
+    "fragmenting program of gemfs calibrate; needs no root.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record_cmd(
     duration: float | None,
@@ -61,12 +68,16 @@ def record_cmd(
     interval: float,
     kpageflags: bool,
     pfn_range: str | None,
+    guest: bool,
     command: tuple[str, ...],
 ) -> None:
     """Record the kernel's page allocator (tracefs, as root) while COMMAND runs or for S seconds.
 
     Example: gemfs record --duration 30 --out build.trace.gz -- make -j2
     """
+    if guest:
+        _record_guest(Path(out))
+        return
     if duration is None and not command:
         duration = 10.0
     span: tuple[int, int] | None = None
@@ -106,6 +117,19 @@ def record_cmd(
         )
     if stats.command_status:
         raise SystemExit(stats.command_status)
+
+
+def _record_guest(out: Path) -> None:
+    from tools.calibrate.guest import GuestError
+    from tools.record_guest import record_guest
+
+    log_dir = Path(tempfile.mkdtemp(prefix="gemfs-record-guest-"))
+    sys.stderr.write(f"booting the guest (logs in {log_dir}) ...\n")
+    try:
+        got = record_guest(out, log_dir)
+    except GuestError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{out}: the guest's trace, recorded in {got.total_s:.0f} s")
 
 
 @click.command("replay")
