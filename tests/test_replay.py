@@ -183,10 +183,29 @@ def test_other_tools_formats_are_read() -> None:
     assert trace.lost == 17
 
 
-def test_replay_refuses_a_trace_without_snapshots() -> None:
-    trace = parse_trace(ALLOC + "\n", "plain.trace")
-    with pytest.raises(ValueError, match=r"plain\.trace: no snapshot markers"):
-        replay(trace)
+def test_a_plain_trace_replays_the_model_side_only(tmp_path: Path) -> None:
+    text = "".join(
+        f"            bash  5130 [002]  {7431.0 + i * 0.4:.6f}: kmem:mm_page_alloc: "
+        f"page=0xffffea0004a1c000 pfn={1214576 + i} order=0 migratetype=1 "
+        "gfp_flags=GFP_HIGHUSER_MOVABLE\n"
+        for i in range(8)
+    )
+    path = tmp_path / "perf.txt"
+    path.write_text(text)
+    (result,) = replay(read_trace(path))
+    assert result.counts["model_only"] == 1
+    assert [s.kernel_known for s in result.samples] == [False] * len(result.samples)
+    assert len(result.samples) == 4  # at 0, 1 and 2 s of trace time, and the end
+
+    def free_pages(per_order: list[int]) -> int:
+        return sum(n << o for o, n in enumerate(per_order))
+
+    # Without buddyinfo the start has free exactly what the trace shows being allocated.
+    assert free_pages(result.samples[0].model_free) == 8
+    assert free_pages(result.final.model_free) == 0
+    out = CliRunner().invoke(main, ["replay", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "the kernel's side is unknown" in out.output
 
 
 def test_replay_command(tmp_path: Path) -> None:

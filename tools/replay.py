@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -99,9 +100,13 @@ class Sample:
     model_compact: dict[str, int]
     in_compaction: bool = False
     """Taken while a kernel compaction was under way (the model runs its own at the end)."""
+    kernel_known: bool = True
+    """False for a plain trace (no snapshots): the model's side only, every second."""
 
     @property
     def divergence(self) -> float:
+        if not self.kernel_known:
+            return math.nan
         return divergence(self.kernel_free, self.model_free)
 
 
@@ -147,17 +152,18 @@ class ReplayResult:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for s, sample in zip(out["samples"], self.samples, strict=True):
-            s["divergence"] = sample.divergence
+            s["divergence"] = None if math.isnan(sample.divergence) else sample.divergence
         for c, choice in zip(out["choices"], self.choices, strict=True):
             c["differs"] = choice.differs
         out["summary"] = self.summary()
         return out
 
     def summary(self) -> dict[str, Any]:
-        if not self.samples:
-            return {}
-        divs = [s.divergence for s in self.samples]
-        f = self.final
+        known = [s for s in self.samples if s.kernel_known]
+        if not known:
+            return {"model_final_free": self.final.model_free} if self.samples else {}
+        divs = [s.divergence for s in known]
+        f = known[-1]
         return {
             "start_divergence": divs[0],
             "final_divergence": divs[-1],
@@ -536,7 +542,29 @@ class Replayer:
             )
 
     # -- sampling -----------------------------------------------------------------------------
+    def _model_sample(self, index: int, t: float) -> Sample:
+        mm = self.mm
+        keys = ("compact_stall", "compact_fail", "compact_success")
+        return Sample(
+            snapshot=index,
+            t=t,
+            kernel_free=[0] * NR_ORDERS,
+            model_free=mm.free_blocks_per_order(),
+            kernel_blocks=dict.fromkeys(TYPE_NAMES, 0),
+            model_blocks=dict(zip(TYPE_NAMES, mm.pageblocks_per_type(), strict=True)),
+            kernel_mixed=None,
+            model_mixed=mm.mixed_pageblocks(),
+            kernel_extfrag=self.kernel_extfrag,
+            model_extfrag=mm.buddy.fallbacks - self._fallbacks0,
+            kernel_compact=dict.fromkeys(keys, 0),
+            model_compact={k: mm.vmstat[k] for k in keys},
+            in_compaction=bool(self.windows),
+            kernel_known=False,
+        )
+
     def _sample(self, index: int, t: float, base_vmstat: dict[str, int]) -> Sample:
+        if index < 0:
+            return self._model_sample(-index - 1, t)
         snap = self.trace.snapshots[index]
         pti = snap.pagetypeinfo
         kblocks = pti.blocks_by_type(self.zone.name) if pti else {}
@@ -586,6 +614,14 @@ class Replayer:
             k = bisect.bisect_left(mine_pos, self.trace.snapshot_at[s])
             by_pos.setdefault(k, []).append(s)
         base_vm = self.trace.snapshots[snaps[0]].vmstat if snaps else {}
+        if not snaps and self.events:  # a plain trace: the model's side, every second
+            self.counts["model_only"] = 1
+            t0, n = self.events[0].ts, 0
+            for i, e in enumerate(self.events):
+                if e.ts >= t0 + n:
+                    by_pos.setdefault(i, []).append(-n - 1)
+                    n += 1
+            by_pos.setdefault(len(self.events), []).append(-n - 1)
         t = self.events[0].ts if self.events else 0.0
         if self.window:  # the kernel side of a window needs the free runs of that snapshot
             for k in list(by_pos):
@@ -627,13 +663,8 @@ def replay(
     zone: str | None = None,
     max_pool: int = DEFAULT_MAX_POOL,
 ) -> list[ReplayResult]:
-    """Replay under each design; ReplayError when the trace has no snapshots to compare with."""
-    if not trace.complete_snapshots:
-        raise ReplayError(
-            f"{trace.path}: no snapshot markers (tracing_mark_write: gemfs-snapshot N) with "
-            "/proc snapshots; a plain trace-cmd or perf text has no kernel state to compare "
-            "the model with -- record with gemfs record, or use --model-only"
-        )
+    """Replay under each design. A plain trace (no snapshots: trace-cmd, perf script) gives the
+    model's side only, sampled every second of trace time."""
     out = []
     for d in designs:
         r = Replayer(trace, design=d, placement=placement, zone=zone, max_pool=max_pool)
@@ -654,9 +685,14 @@ def format_table(results: Sequence[ReplayResult]) -> str:
         )
         head = "snap    t(s)  divergence  " + " ".join(f"{o:>9}" for o in range(NR_ORDERS))
         lines.append(head + "   extfrag k/m   stall k/m  fail k/m  blocks U/M/R k | m")
+        if r.samples and not r.samples[0].kernel_known:
+            lines.append(
+                "(a plain trace without /proc snapshots: the kernel's side is unknown, '-')"
+            )
         for s in r.samples:
             pairs = " ".join(
-                f"{k:>4}/{m:<4}" for k, m in zip(s.kernel_free, s.model_free, strict=True)
+                f"{k if s.kernel_known else '-':>4}/{m:<4}"
+                for k, m in zip(s.kernel_free, s.model_free, strict=True)
             )
             kb, mb = s.kernel_blocks, s.model_blocks
             lines.append(
@@ -679,7 +715,7 @@ def format_table(results: Sequence[ReplayResult]) -> str:
                     f"{c.model_result.lower()}, {c.model_migrated} migrated{mark}"
                 )
         summ = r.summary()
-        if summ:
+        if "start_divergence" in summ:
             lines.append(
                 f"divergence: start {summ['start_divergence']:.3f}, final "
                 f"{summ['final_divergence']:.3f}, max {summ['max_divergence']:.3f}, mean "
