@@ -72,7 +72,7 @@ from gemfs.mm.types import (
     MigrateType,
     OutOfMemory,
 )
-from tools.tracefile import Event, Trace, TraceFormatError, Zone
+from tools.tracefile import Event, Trace, TraceFormatError, Zone, pcp_pages
 
 Placement = Literal["kernel", "model"]
 MAX_BLOCK = 1 << MAX_ORDER
@@ -102,6 +102,9 @@ class Sample:
     """Taken while a kernel compaction was under way (the model runs its own at the end)."""
     kernel_known: bool = True
     """False for a plain trace (no snapshots): the model's side only, every second."""
+    kernel_pcp: int | None = None
+    """Pages on the kernel's per-CPU lists (zoneinfo): free, but not in its buddyinfo. The
+    model has no per-CPU lists, so about this many more pages show in its low orders."""
 
     @property
     def divergence(self) -> float:
@@ -596,6 +599,7 @@ class Replayer:
             kernel_compact=kcomp,
             model_compact={k: mm.vmstat[k] for k in keys},
             in_compaction=bool(self.windows),
+            kernel_pcp=pcp_pages(snap.files.get("/proc/zoneinfo", ""), self.zone.name),
         )
 
     def run(self) -> ReplayResult:
@@ -702,6 +706,7 @@ def format_table(results: Sequence[ReplayResult]) -> str:
                 f"{s.kernel_compact['compact_fail']:>4}/{s.model_compact['compact_fail']:<4} "
                 f"{kb['Unmovable']}/{kb['Movable']}/{kb['Reclaimable']} | "
                 f"{mb['Unmovable']}/{mb['Movable']}/{mb['Reclaimable']} mixed(m) {s.model_mixed}"
+                + (f" pcp(k) {s.kernel_pcp}" if s.kernel_pcp is not None else "")
                 + ("  (kernel compacting)" if s.in_compaction else "")
             )
         lines.append("(per order: kernel/model free blocks)")

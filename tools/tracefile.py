@@ -172,6 +172,16 @@ class Zone:
         return self.start_pfn + self.spanned
 
 
+def pcp_pages(text: str, zone: str) -> int | None:
+    """Pages on the per-CPU lists of ``zone`` (node 0), summed over CPUs, from /proc/zoneinfo:
+    free pages that buddyinfo does not count."""
+    m = re.search(rf"^Node 0, zone\s+{re.escape(zone)}\s*$(.*?)(?=^Node |\Z)", text, re.M | re.S)
+    if m is None:
+        return None
+    counts = re.findall(r"^\s+count:\s+(\d+)", m.group(1), re.M)
+    return sum(int(c) for c in counts) if counts else None
+
+
 def parse_zoneinfo(text: str) -> dict[str, Zone]:
     """Zones with memory (present > 0) by name, from /proc/zoneinfo (node 0 first wins)."""
     out: dict[str, Zone] = {}
