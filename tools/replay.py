@@ -757,7 +757,7 @@ def plot(r: ReplayResult, path: Path) -> Path:
         ax.plot(t, [s.model_free[o] for s in r.samples], color=color, ls="--", label="model")
     ax.set_title("free blocks per order (solid kernel, dashed model)")
     ax.set_yscale("symlog")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
     ax = axes[0][1]
     ax.plot(t, [s.divergence for s in r.samples], color="k")
     ax.set_ylim(0, 1)
@@ -768,7 +768,7 @@ def plot(r: ReplayResult, path: Path) -> Path:
         ax.plot(t, [s.model_blocks[name] for s in r.samples], color=f"C{i}", ls="--")
     ax.plot(t, [s.model_mixed for s in r.samples], color="C5", ls=":", label="mixed (model)")
     ax.set_title("pageblocks per type (solid kernel, dashed model)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left")
     ax = axes[1][1]
     ax.plot(t, [s.kernel_extfrag for s in r.samples], color="C0", label="extfrag kernel")
     ax.plot(t, [s.model_extfrag for s in r.samples], color="C0", ls="--", label="extfrag model")
@@ -777,7 +777,7 @@ def plot(r: ReplayResult, path: Path) -> Path:
     ax.plot(t, [s.kernel_compact["compact_fail"] for s in r.samples], color="C3", label="fail k")
     ax.plot(t, [s.model_compact["compact_fail"] for s in r.samples], color="C3", ls="--")
     ax.set_title("events so far (solid kernel, dashed model)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left")
     for row in axes:
         for a in row:
             a.set_xlabel("trace time (s)")
