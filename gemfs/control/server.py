@@ -690,6 +690,8 @@ class ControlServer:
         mm = self.mm
         task = task or Task(mm.clock.now)
         scanned = 0
+        if mm.tracer is not None:
+            mm.tracer.compaction_begin(policy, mm.pool.nr_pages)
         while (batch := policy.next_batch(mm)) is not None:
             scanned = mm.charge_scan(policy.stats, scanned, task)
             out = await self.migrate_pages(batch.src, batch.dst, policy.mode, task)
@@ -698,6 +700,8 @@ class ControlServer:
         mm.charge_scan(policy.stats, scanned, task)
         mm.vmstat.inc("compact_migrate_scanned", policy.stats.migrate_scanned)
         mm.vmstat.inc("compact_free_scanned", policy.stats.free_scanned)
+        if mm.tracer is not None:
+            mm.tracer.compaction_end(policy, mm.pool.nr_pages)
         return policy.result
 
     async def alloc_high_order(
