@@ -114,3 +114,21 @@ def test_guest_trace_replays_close_to_the_kernel(tmp_path: Path) -> None:
     # Where the kernel compacted (this zone; compact_memory also passes over DMA), the model ran
     # its own policy: one row per compaction.
     assert 1 <= len(res.choices) <= trace.counts["mm_compaction_end"]
+
+
+def test_record_warns_when_events_were_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tools import record
+
+    def fake_run(self: record.Recorder, duration: float | None, command: object) -> object:
+        stats = record.RecordStats(self.out, seconds=1.0, events=10, snapshots=2, lost=1234)
+        return stats
+
+    monkeypatch.setattr(
+        record.Recorder, "__init__", lambda self, out, **_: setattr(self, "out", out)
+    )
+    monkeypatch.setattr(record.Recorder, "run", fake_run)
+    result = CliRunner().invoke(main, ["record", "--duration", "1", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1,234 events were lost" in result.output
