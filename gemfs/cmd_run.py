@@ -20,6 +20,7 @@ from tools.player import RunResult
 from tools.runner import (
     BackendFactory,
     BackendUnavailable,
+    TraceWriter,
     default_jobs,
     inproc_factory,
     run_designs,
@@ -161,6 +162,12 @@ def _run_and_report(
     default=None,
     help="The driver's migrate callback (the workload's [driver] policy does the same).",
 )
+@click.option(
+    "--trace",
+    "trace_file",
+    metavar="FILE",
+    help="Write the model's tracepoints here, in the kernel's ftrace text (with --inproc).",
+)
 def run(
     workload: str,
     designs: tuple[str, ...],
@@ -172,6 +179,7 @@ def run(
     jobs: int | None,
     gem_migratetype: str | None,
     driver_policy: str | None,
+    trace_file: str | None,
 ) -> None:
     """Play a WORKLOAD file under each design and compare them side by side.
 
@@ -184,16 +192,27 @@ def run(
         w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
     if driver_policy:
         w = w.with_driver_policy(DriverPolicy.parse(driver_policy))
+    if trace_file and not inproc:
+        raise click.UsageError(
+            "--trace needs --inproc (on the stack, read the mount's .gemfs/trace_pipe)"
+        )
+    writer = TraceWriter(Path(trace_file)) if trace_file else None
     try:
-        factory = inproc_factory() if inproc else stack_factory(mount)
+        factory = (
+            writer.factory() if writer else inproc_factory() if inproc else stack_factory(mount)
+        )
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
     out_dir = Path(out) if out else Path("out") / w.name
     if jobs is None:
-        jobs = 1 if mount else default_jobs()
+        jobs = 1 if mount or writer else default_jobs()
     elif mount and jobs > 1:
         raise click.UsageError("--mount plays on one existing mount: --jobs must be 1")
-    _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file, jobs)
+    try:
+        _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file, jobs)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 @click.command()

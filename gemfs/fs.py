@@ -206,6 +206,11 @@ class GemFS(pyfuse3.Operations):
         async def store_extfrag_threshold(text: str) -> None:
             mm.extfrag_threshold = procfs.parse_int(text, 0, 1000)
 
+        pipe = procfs.TracePipe(mm)
+
+        async def store_tracing_on(text: str) -> None:
+            pipe.store_on(text)
+
         files = [
             ProcFile("buddyinfo", 0o444, show=mm.buddyinfo),
             ProcFile("pagetypeinfo", 0o444, show=mm.pagetypeinfo),
@@ -228,6 +233,8 @@ class GemFS(pyfuse3.Operations):
                 show=lambda: f"{mm.extfrag_threshold}\n",
                 store=store_extfrag_threshold,
             ),
+            ProcFile("tracing_on", 0o644, show=pipe.show_on, store=store_tracing_on),
+            ProcFile("trace_pipe", 0o444, show=pipe.take),
         ]
         if test_faults:
             files.append(ProcFile("inject_fault", 0o200, store=self._store_fault))

@@ -15,6 +15,7 @@ import numpy as np
 
 from gemfs.mm.core import MemoryManager
 from gemfs.mm.pool import I64
+from gemfs.mm.trace import Tracer
 from gemfs.mm.types import PAGE_SIZE, format_size
 
 OBJECTS_HEADER = "id\tpath\tpages\tpinned\tmigratetype"
@@ -134,3 +135,38 @@ def parse_int(text: str, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{value} out of range {lo}..{hi}")
     return value
+
+
+class TracePipe:
+    """``.gemfs/tracing_on`` and ``.gemfs/trace_pipe``: the model's tracepoints on the mount.
+
+    Writing 1 to tracing_on gives the pool a :class:`gemfs.mm.trace.Tracer` (0 takes it away);
+    reading trace_pipe consumes what was traced since the last read, in the kernel's text
+    format, with a ``CPU:0 [LOST N EVENTS]`` line where the bounded buffer overwrote lines
+    before anyone read them. Unlike the kernel's, a read finds the end of the file instead of
+    blocking when nothing is new (read it again, or in a loop)."""
+
+    def __init__(self, mm: MemoryManager, capacity: int = 1 << 16) -> None:
+        self.mm = mm
+        self.capacity = capacity
+        self.cursor = 0
+
+    def show_on(self) -> str:
+        return f"{int(self.mm.tracer is not None)}\n"
+
+    def store_on(self, text: str) -> None:
+        on = parse_int(text, 0, 1)
+        if on and self.mm.tracer is None:
+            mm = self.mm
+            self.mm.tracer = Tracer(lambda: mm.clock.now, capacity=self.capacity)
+            self.cursor = 0
+        elif not on:
+            self.mm.tracer = None
+
+    def take(self) -> str:
+        tracer = self.mm.tracer
+        if tracer is None:
+            return ""
+        lines, self.cursor, lost = tracer.read(self.cursor)
+        head = f"CPU:{tracer.cpu} [LOST {lost} EVENTS]\n" if lost else ""
+        return head + "".join(line + "\n" for line in lines)

@@ -12,9 +12,12 @@ import dataclasses
 import functools
 import importlib
 import os
+import threading
 from collections.abc import Callable, Sequence
-from typing import cast
+from pathlib import Path
+from typing import TextIO, cast
 
+from gemfs.mm.trace import Tracer
 from gemfs.mm.types import Design
 from tools.backend import Backend
 from tools.inproc_backend import InprocBackend
@@ -94,3 +97,33 @@ def run_designs(
 def default_jobs() -> int:
     """Runs at once by default: one per core (at most 4)."""
     return max(1, min(4, os.cpu_count() or 1))
+
+
+class TraceWriter:
+    """``gemfs run --trace FILE``: every run's tracepoints into one text file, in the kernel's
+    trace format (``comm`` is the design, ``pid`` the seed, so runs can be told apart).
+    In-process backend only: the stack's pool lives in the mount's process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO = path.open("w")
+        self._file.write("# tracer: nop\n#\n")
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._file.write(line + "\n")
+
+    def factory(self) -> BackendFactory:
+        def build(workload: Workload, design: Design) -> Backend:
+            backend = InprocBackend(workload, design)
+            mm = backend.mm
+            tracer = Tracer(lambda: mm.clock.now, comm=design.value, pid=workload.seed)
+            tracer.sinks.append(self.write)
+            mm.tracer = tracer
+            return backend
+
+        return build
+
+    def close(self) -> None:
+        self._file.close()

@@ -719,14 +719,13 @@ class ControlServer:
         mm = self.mm
         task = task or Task(mm.clock.now)
         scanned = 0
+        mm.policy_started(policy)
         while (batch := policy.next_batch(mm)) is not None:
             scanned = mm.charge_scan(policy.stats, scanned, task)
             out = await self.migrate_pages(batch.src, batch.dst, policy.mode, task)
             policy.batch_done(batch, out.results)
             await trio.lowlevel.checkpoint()
-        mm.charge_scan(policy.stats, scanned, task)
-        mm.vmstat.inc("compact_migrate_scanned", policy.stats.migrate_scanned)
-        mm.vmstat.inc("compact_free_scanned", policy.stats.free_scanned)
+        mm.policy_finished(policy, scanned, task)
         return policy.result
 
     async def alloc_high_order(

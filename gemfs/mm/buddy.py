@@ -9,6 +9,8 @@ falls back to other types in Linux's order and may steal the whole pageblock
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from gemfs.mm.pool import (
@@ -33,6 +35,9 @@ from gemfs.mm.types import (
     OutOfMemory,
 )
 
+if TYPE_CHECKING:
+    from gemfs.mm.trace import Tracer
+
 NIL = -1
 
 
@@ -52,6 +57,7 @@ class BuddyAllocator:
         self.free_pages = 0
         self.steals = 0  # pageblocks whose type a fallback changed
         self.fallbacks = 0  # allocations served from another type's list
+        self.tracer: Tracer | None = None  # kmem events (MemoryManager.tracer sets it)
         # Scalar access through memoryviews is several times cheaper than numpy indexing;
         # vectorized work still goes through the numpy arrays (the same memory).
         self._flags = pool.flags.data
@@ -167,6 +173,8 @@ class BuddyAllocator:
         pfn = self.head[current][found]
         self._steal_suitable_fallback(pfn, current, start_mt, can_steal)
         self.fallbacks += 1
+        if self.tracer is not None:
+            self.tracer.extfrag(pfn, order, current, start_mt, found, self.pool.pageblock_mt)
         return True
 
     def _steal_suitable_fallback(
@@ -223,6 +231,8 @@ class BuddyAllocator:
                 raise OutOfMemory(f"no free block of order {order}")
             pfn = self._rmqueue_smallest(order, mt)
         self._mark_allocated(pfn, 1 << order, mt)
+        if self.tracer is not None:
+            self.tracer.mm_page_alloc(pfn, order, mt)
         return pfn
 
     def alloc_bulk(self, nr_pages: int, mt: MigrateType, *, nofragment: bool = False) -> I64:
@@ -250,6 +260,8 @@ class BuddyAllocator:
                 take = min(need, 1 << order)
                 self._expand_bulk(pfn, take, order, int(mt))
                 self._mark_allocated(pfn, take, int(mt))
+                if self.tracer is not None:
+                    self.tracer.page_alloc_run(pfn, take, mt)
                 out.append(np.arange(pfn, pfn + take, dtype=np.int64))
                 got += take
         except OutOfMemory:

@@ -43,6 +43,7 @@ from gemfs.mm.pool import (
     Bools,
     PagePool,
 )
+from gemfs.mm.trace import Tracer
 from gemfs.mm.ttm import TtmPool
 from gemfs.mm.types import (
     MAX_ORDER,
@@ -195,6 +196,15 @@ class MemoryManager:
         if self.design is Design.ILLUMINATOR:
             self.pb_counts = PageblockCounts(self.pool.nr_pageblocks)
 
+    @property
+    def tracer(self) -> Tracer | None:
+        """Where the model's tracepoints go (None: off); see gemfs.mm.trace."""
+        return self.buddy.tracer
+
+    @tracer.setter
+    def tracer(self, tracer: Tracer | None) -> None:
+        self.buddy.tracer = tracer
+
     def close(self) -> None:
         self.pool.close()
 
@@ -271,6 +281,8 @@ class MemoryManager:
     def _release_frames(self, pfns: I64) -> None:
         self._pins_gone(pfns)
         self.nr_gem_pages -= len(pfns)
+        if self.tracer is not None:
+            self.tracer.page_free_run(pfns.tolist())
         self.pool.pin[pfns] = 0
         self.buddy.free_pfns(pfns)
         self.vmstat.inc("pgfree", len(pfns))
@@ -600,6 +612,8 @@ class MemoryManager:
         self.nr_kernel_pages -= 1 << order
         if self.pb_counts is not None:
             self.pb_counts.kernel(pfn, 1 << order, -1)
+        if self.tracer is not None:
+            self.tracer.mm_page_free(pfn, order)
         self.buddy.free_pfns(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
         self.vmstat.inc("pgfree", 1 << order)
 
@@ -744,6 +758,8 @@ class MemoryManager:
         if len(unused):
             self.buddy.release_targets(unused)
         old = src[moved]
+        if self.tracer is not None:
+            self.tracer.page_free_run(old.tolist())
         if len(old):
             p.flags[old] = PG_ALLOC
             self.buddy.free_pfns(old)
@@ -758,6 +774,8 @@ class MemoryManager:
         v.inc("pgmigrate_fail", int(np.count_nonzero(valid)) - success)
         v.inc("pgmigrate_eagain", eagain)
         v.inc("pgmigrate_permanent", permanent)
+        if self.tracer is not None:
+            self.tracer.migrate_batch(success, int(np.count_nonzero(valid)) - success, batch.mode)
         return MigrateOutcome(res, success, eagain, permanent)
 
     # -- compaction -------------------------------------------------------------------------
@@ -790,13 +808,25 @@ class MemoryManager:
         """
         task = task or self._task or Task(self.clock.now)
         scanned = 0
+        self.policy_started(policy)
         while (batch := policy.next_batch(self)) is not None:
             scanned = self.charge_scan(policy.stats, scanned, task)
             out = self.migrate_pages(batch.src, batch.dst, policy.mode, task)
             policy.batch_done(batch, out.results)
             yield batch
+        self.policy_finished(policy, scanned, task)
+
+    def policy_started(self, policy: Policy) -> None:
+        """Whoever drives a policy (in process, the control server) calls this first..."""
+        if self.tracer is not None and isinstance(policy, CompactionPolicy):
+            self.tracer.compaction_begin(policy, self.pool.nr_pages)
+
+    def policy_finished(self, policy: Policy, scanned: int, task: Task) -> None:
+        """...and this last: the scanning not yet charged, the counters, the tracepoint."""
         self.charge_scan(policy.stats, scanned, task)
         self._account_compaction(policy.stats)
+        if self.tracer is not None and isinstance(policy, CompactionPolicy):
+            self.tracer.compaction_end(policy, self.pool.nr_pages)
 
     def charge_scan(self, stats: CompactStats, already: int, task: Task) -> int:
         """Charge the pages the scanners looked at since ``already``; the new total."""
