@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gemfs.mm.pool import PoolTooLarge
-from gemfs.mm.types import Design, MigrateType
+from gemfs.mm.types import Design, MigrateType, format_size
 from tools.player import RunResult
 from tools.runner import (
     BackendFactory,
@@ -36,11 +36,36 @@ def _designs(values: Sequence[str]) -> list[Design]:
     return list(dict.fromkeys(chosen))  # in the order given, once each
 
 
-def _load(path: str) -> Workload:
+def _load(path: str, pool: int | None = None) -> Workload:
     try:
-        return load_workload(path)
+        return load_workload(path, pool)
     except WorkloadError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _on_mount(mount: str, workload: str, designs: tuple[str, ...]) -> tuple[Workload, list[Design]]:
+    """The workload as it plays on an existing mount: the mount's pool and its design."""
+    from tools.stack_backend import StackError, mount_info
+
+    try:
+        info = mount_info(mount)
+    except StackError as e:
+        raise click.ClickException(str(e)) from None
+    others = [d for d in designs if d != info.design.value]
+    if others:
+        raise click.ClickException(
+            f"{mount} runs design {info.design.value}, not {others[0]}: a mount plays the design "
+            f"it was mounted with (leave out --design, or mount with --design {others[0]})"
+        )
+    w = _load(workload, pool=info.pool)
+    file_pool = _load(workload).pool
+    if file_pool != info.pool:
+        click.echo(
+            f"playing on {mount}'s pool of {info.pool_human} "
+            f"(the workload file asks for {format_size(file_pool)})",
+            err=True,
+        )
+    return w, [info.design]
 
 
 def _play(
@@ -120,7 +145,7 @@ def _run_and_report(
     "designs",
     multiple=True,
     type=DESIGN_CHOICE,
-    help="Design to run (repeatable; default: all four).",
+    help="Design to run (repeatable; default: all four, or with --mount the mount's).",
 )
 @click.option("--inproc", is_flag=True, help="Run in this process on the model (no FUSE).")
 @click.option("--mount", metavar="M", help="Use this existing gemfs mount (not with --inproc).")
@@ -167,19 +192,22 @@ def run(
     --gem-migratetype movable"""
     if inproc and mount:
         raise click.UsageError("--mount needs the multi-process stack; drop --inproc")
-    w = _load(workload)
-    if gem_migratetype:
-        w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
     try:
         factory = inproc_factory() if inproc else stack_factory(mount)
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
+    if mount:
+        w, chosen = _on_mount(mount, workload, designs)
+    else:
+        w, chosen = _load(workload), _designs(designs)
+    if gem_migratetype:
+        w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
     out_dir = Path(out) if out else Path("out") / w.name
     if jobs is None:
         jobs = 1 if mount else default_jobs()
     elif mount and jobs > 1:
         raise click.UsageError("--mount plays on one existing mount: --jobs must be 1")
-    _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file, jobs)
+    _run_and_report(w, chosen, factory, seeds, out_dir, json_file, jobs)
 
 
 @click.command()
