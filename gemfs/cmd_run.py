@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gemfs.mm.pool import PoolTooLarge
 from gemfs.mm.types import Design, MigrateType, format_size
-from tools.player import RunResult
+from tools.player import RunRecord, RunResult
 from tools.runner import (
     BackendFactory,
     BackendUnavailable,
@@ -132,9 +132,26 @@ def _run_and_report(
     console.print(table)
     console.print(harness)
     console.print(provenance_line(provenance(workload, records)))
+    if note := _too_small(workload, records):
+        console.print(note)
     console.print(
         f"{len(designs)} design(s) × {seeds} seed(s) in {elapsed:.1f} s; report: {files.markdown}"
         + (f"; records: {json_file}" if json_file else "")
+    )
+
+
+def _too_small(workload: Workload, records: Sequence[RunRecord]) -> str | None:
+    """A line when allocations failed: the pool was too small for what the workload asked."""
+    failed = {r.design: 0 for r in records}
+    for r in records:
+        failed[r.design] += r.alloc_failures
+    if not any(failed.values()):
+        return None
+    per = ", ".join(f"{d} {n}" for d, n in failed.items() if n)
+    return (
+        f"note: the pool ({format_size(workload.pool)}) was too small for this workload: "
+        f"allocations failed even after dropping page cache ({per}; "
+        '"allocation failures" in the table); give it a larger pool'
     )
 
 

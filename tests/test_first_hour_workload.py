@@ -166,3 +166,28 @@ def test_every_key_is_documented(doc: Path) -> None:
 def test_the_readme_links_the_workload_format() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "(examples/README.md)" in readme
+
+
+def test_a_pool_that_fills_up_under_the_run_says_so(tmp_path: Path) -> None:
+    """Each phase fits, but what the rounds keep does not: the run says the pool was small."""
+    text = (
+        'pool = "16MiB"\n\n[[phase]]\nkind = "repeat"\ntimes = 10\n\n'
+        '  [[phase.do]]\n  kind = "create"\n  tag = "buf"\n  count = 10\n  size = "256KiB"\n'
+        "  bind = true\n"
+    )
+    for times, small in ((10, True), (2, False)):
+        path = tmp_path / f"w{times}.toml"
+        path.write_text(text.replace("times = 10", f"times = {times}"))
+        out = str(tmp_path / f"o{times}")
+        r = CliRunner().invoke(
+            main, ["run", str(path), "--inproc", "--design", "pinned", "--out", out]
+        )
+        assert r.exit_code == 0, r.output
+        output = " ".join(r.output.split())  # as one line, however the console wrapped it
+        assert ("too small" in output) is small, output
+        if small:
+            assert (
+                "note: the pool (16MiB) was too small for this workload: allocations failed "
+                'even after dropping page cache (pinned 4; "allocation failures" in the '
+                "table); give it a larger pool"
+            ) in output
