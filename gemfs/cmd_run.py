@@ -205,8 +205,14 @@ def run(
 ) -> None:
     """Play a WORKLOAD file under each design and compare them side by side.
 
-    Example: gemfs run examples/desktop.toml --inproc --seeds 3 --design pinned
-    --gem-migratetype movable"""
+    The format of a workload file: examples/README.md.
+
+    \b
+    Examples:
+      gemfs run examples/compaction-test.toml --inproc
+      gemfs run examples/desktop.toml --seeds 3 --out out/desktop
+      gemfs run examples/desktop.toml --inproc --design pinned --gem-migratetype movable
+      gemfs run examples/compaction-test.toml --mount /tmp/gem   # an existing mount"""
     if inproc and mount:
         raise click.UsageError("--mount needs the multi-process stack; drop --inproc")
     try:
@@ -267,7 +273,12 @@ def demo(
     jobs: int | None,
 ) -> None:
     """Run the desktop workload under all four designs on the real stack, several seeds each,
-    and compare them."""
+    and compare them.
+
+    \b
+    Examples:
+      gemfs demo                       # what `make demo` runs (about 100 s)
+      gemfs demo --inproc --seeds 1    # the model alone, in a few seconds"""
     path = Path(workload_path) if workload_path else EXAMPLES / "desktop.toml"
     if not path.is_file():
         raise click.ClickException(f"{path} not found (run from a source checkout)")
@@ -291,7 +302,12 @@ def demo(
 )
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 def top(mountpoint: str | None, control: str | None, interval: float, once: bool) -> None:
-    """Show the live pool of MOUNTPOINT (or --control PATH): buddyinfo, score, counters."""
+    """Show the live pool of MOUNTPOINT (or --control PATH): buddyinfo, score, counters.
+
+    \b
+    Examples:
+      gemfs top /tmp/gem
+      gemfs top --control /tmp/gem.sock --once"""
     if (mountpoint is None) == (control is None):
         raise click.UsageError("give either MOUNTPOINT or --control PATH")
     try:
