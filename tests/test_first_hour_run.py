@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,13 +140,20 @@ def test_run_on_a_mount_of_another_design_is_one_line(
 
 
 def test_run_on_a_mount_without_a_control_socket_is_one_line(
-    gemfs_mount_factory: MountFactory, workload: Path
+    gemfs_mount_factory: MountFactory,
+    workload: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     m = gemfs_mount_factory(pool="16MiB")
+    scratch = tmp_path / "scratch"  # where the run's work directory goes
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     r = invoke("run", workload, "--mount", m)
     assert r.exit_code == 1
     line = one_error_line(r.output)
     assert line == f"Error: {m.path} has no control socket (mount it with --control PATH)"
+    assert list(scratch.iterdir()) == []  # no log to keep: its work directory went too
 
 
 def test_run_on_a_directory_that_is_not_a_mount_is_one_line(tmp_path: Path, workload: Path) -> None:

@@ -141,8 +141,8 @@ class Stack:
         self.gem_migratetype = gem_migratetype
         try:
             self._start(pool, mount, proactiveness, order, interval_ms)
-        except StackError:
-            self.keep = True  # the error names a log: it must still be there
+        except StackError as e:
+            self.keep = str(self.workdir) in str(e)  # it names a log: that must stay
             self.teardown()
             raise
         except BaseException:
