@@ -12,7 +12,15 @@ from gemfs.cmd_trace import record_cmd, replay_cmd
 
 @click.group()
 def main() -> None:
-    """gemfs: GEM objects on a FUSE mount, with pins, migration and compaction."""
+    """gemfs: GEM objects on a FUSE mount, with pins, migration and compaction.
+
+    \b
+    Examples:
+      gemfs run examples/compaction-test.toml --inproc   # the four designs, in seconds
+      gemfs demo                                         # the desktop workload, real stack
+      gemfs mount /tmp/gem --pool 64MiB --control /tmp/gem.sock   # then: gemfs driver ...
+
+    Every command has --help with an example."""
 
 
 main.add_command(bench)

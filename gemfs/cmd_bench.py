@@ -7,7 +7,14 @@ import click
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: print figures and ratios against a baseline measured in the same run."""
+    """Benchmarks: print figures and ratios against a baseline measured in the same run.
+
+    \b
+    Examples:
+      gemfs bench mm          # the model's allocator and compaction speed
+      gemfs bench io          # file I/O on gemfs against tmpfs (root)
+      gemfs bench migrate     # pages/s through the driver's callbacks
+      gemfs bench scale       # a content-free pool from 1 GiB to 128 GiB"""
 
 
 @bench.command("mm")
@@ -29,7 +36,9 @@ def bench() -> None:
     "pinned, in process, and print its CPU time (repeatable: --desktop 4 --desktop 16).",
 )
 def bench_mm_cmd(size: str, big: str, probes: int, desktop: tuple[int, ...]) -> None:
-    """Allocator, object allocation, migration, full and direct compaction speed of the model."""
+    """Allocator, object allocation, migration, full and direct compaction speed of the model.
+
+    Example: gemfs bench mm --size 1GiB --big 4GiB --desktop 1 --desktop 4"""
     from pathlib import Path
 
     from gemfs.mm.pool import check_pool_size
@@ -73,7 +82,9 @@ def bench_mm_cmd(size: str, big: str, probes: int, desktop: tuple[int, ...]) -> 
 @click.option("--rounds", default=3, show_default=True, help="Runs per figure (median).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench_io_cmd(size: str, pool: str, rounds: int, as_json: bool) -> None:
-    """Sequential 1 MiB and random 4 KiB file I/O on gemfs against a kernel tmpfs."""
+    """Sequential 1 MiB and random 4 KiB file I/O on gemfs against a kernel tmpfs.
+
+    Example: gemfs bench io --size 256MiB --pool 512MiB --rounds 5"""
     from tools.bench_io import BenchError, bench_io, format_table
 
     try:
@@ -84,10 +95,24 @@ def bench_io_cmd(size: str, pool: str, rounds: int, as_json: bool) -> None:
 
 
 @bench.command("migrate")
-@click.option("--pages", default=16384, show_default=True, type=click.IntRange(256))
-@click.option("--batch", default=512, show_default=True, type=click.IntRange(2, 65536))
+@click.option(
+    "--pages",
+    default=16384,
+    show_default=True,
+    type=click.IntRange(256),
+    help="Pages to migrate through the driver's callbacks.",
+)
+@click.option(
+    "--batch",
+    default=512,
+    show_default=True,
+    type=click.IntRange(2, 65536),
+    help="Pages per call in the batched figure.",
+)
 def bench_migrate_cmd(pages: int, batch: int) -> None:
-    """Pages/s migrated through the driver's callbacks: one page per round trip vs batched."""
+    """Pages/s migrated through the driver's callbacks: one page per round trip vs batched.
+
+    Example: gemfs bench migrate --pages 16384 --batch 512"""
     from tools.bench_migrate import bench_migrate
 
     f = bench_migrate(pages=pages, batch=batch)

@@ -205,6 +205,12 @@ def calibrate_cmd(
     Default: movable pinned mixed movable-64k and the three *-nocompact; with --pattern, the
     patterns (and any SCENARIOs named). Kernel and model are compared as distributions: over
     --boots boots and, per boot, --seeds model seeds.
+
+    \b
+    Examples:
+      gemfs calibrate                     # the default scenarios, in a QEMU guest
+      gemfs calibrate pinned mixed --boots 3 --seeds 5 --out out/calibrate
+      gemfs calibrate --pattern 'chunk=512KiB,fill=0.7,free=011,pin=01,compact=no'
     """
     chosen: list[str | Scenario] = [*dict.fromkeys(scenarios), *patterns]
     if not chosen:

@@ -11,6 +11,7 @@ from typing import IO, TYPE_CHECKING
 
 import click
 
+from gemfs.mm.types import Design
 from gemfs.mountproc import (
     MountError,
     check_fuse_device,
@@ -45,9 +46,10 @@ DESIGNS = (
 @click.option("--pool", default="64MiB", show_default=True, help="Pool size, e.g. 256MiB, 1GiB.")
 @click.option(
     "--design",
-    default="shmem-hook",
+    default=Design.SHMEM_HOOK.value,
     show_default=True,
-    help="Which design to model: " + ", ".join(DESIGNS) + ".",
+    type=click.Choice([d.value for d in Design]),
+    help="Which design to model.",
 )
 @click.option("--control", metavar="PATH", help="Unix socket for the driver and compactor.")
 @click.option(
@@ -85,7 +87,13 @@ def mount(
     test_faults: bool,
     ready_fd: int | None,
 ) -> None:
-    """Mount gemfs on MOUNTPOINT (in the background unless --foreground)."""
+    """Mount gemfs on MOUNTPOINT (in the background unless --foreground).
+
+    \b
+    Example:
+      mkdir -p /tmp/gem
+      gemfs mount /tmp/gem --pool 16MiB --design shmem-hook --control /tmp/gem.sock
+      cat /tmp/gem/.gemfs/buddyinfo"""
     # The server (this process, or the background child) reads these when it starts.
     if allow_uids:
         os.environ["GEMFS_ALLOW_UIDS"] = ",".join(str(u) for u in allow_uids)
@@ -202,7 +210,11 @@ def _first(group: BaseExceptionGroup[MountError]) -> MountError:
 @click.argument("mountpoint")
 @click.option("--lazy", "-z", is_flag=True, help="Detach now, clean up when no longer busy.")
 def umount(mountpoint: str, lazy: bool) -> None:
-    """Unmount a gemfs mount (the server then exits)."""
+    """Unmount a gemfs mount (the server then exits); other file systems are left alone.
+
+    \b
+    Example:
+      gemfs umount /tmp/gem"""
     try:
         unmount(check_gemfs_mount(mountpoint), lazy=lazy)
     except MountError as e:

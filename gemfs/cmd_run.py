@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from driver.gem import DriverPolicy
 from gemfs.mm.pool import PoolTooLarge
-from gemfs.mm.types import Design, MigrateType
-from tools.player import RunResult
+from gemfs.mm.types import Design, MigrateType, format_size
+from tools.player import RunRecord, RunResult
 from tools.runner import (
     BackendFactory,
     BackendUnavailable,
@@ -42,11 +42,36 @@ def _designs(values: Sequence[str], default: Sequence[Design] = tuple(Design)) -
     return list(dict.fromkeys(chosen))  # in the order given, once each
 
 
-def _load(path: str) -> Workload:
+def _load(path: str, pool: int | None = None) -> Workload:
     try:
-        return load_workload(path)
+        return load_workload(path, pool)
     except WorkloadError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _on_mount(mount: str, workload: str, designs: tuple[str, ...]) -> tuple[Workload, list[Design]]:
+    """The workload as it plays on an existing mount: the mount's pool and its design."""
+    from tools.stack_backend import StackError, mount_info
+
+    try:
+        info = mount_info(mount)
+    except StackError as e:
+        raise click.ClickException(str(e)) from None
+    others = [d for d in designs if d != info.design.value]
+    if others:
+        raise click.ClickException(
+            f"{mount} runs design {info.design.value}, not {others[0]}: a mount plays the design "
+            f"it was mounted with (leave out --design, or mount with --design {others[0]})"
+        )
+    w = _load(workload, pool=info.pool)
+    file_pool = _load(workload).pool
+    if file_pool != info.pool:
+        click.echo(
+            f"playing on {mount}'s pool of {info.pool_human} "
+            f"(the workload file asks for {format_size(file_pool)})",
+            err=True,
+        )
+    return w, [info.design]
 
 
 def _play(
@@ -113,9 +138,26 @@ def _run_and_report(
     console.print(table)
     console.print(harness)
     console.print(provenance_line(provenance(workload, records)))
+    if note := _too_small(workload, records):
+        console.print(note)
     console.print(
         f"{len(designs)} design(s) × {seeds} seed(s) in {elapsed:.1f} s; report: {files.markdown}"
         + (f"; records: {json_file}" if json_file else "")
+    )
+
+
+def _too_small(workload: Workload, records: Sequence[RunRecord]) -> str | None:
+    """A line when allocations failed: the pool was too small for what the workload asked."""
+    failed = {r.design: 0 for r in records}
+    for r in records:
+        failed[r.design] += r.alloc_failures
+    if not any(failed.values()):
+        return None
+    per = ", ".join(f"{d} {n}" for d, n in failed.items() if n)
+    return (
+        f"note: the pool ({format_size(workload.pool)}) was too small for this workload: "
+        f"allocations failed even after dropping page cache ({per}; "
+        '"allocation failures" in the table); give it a larger pool'
     )
 
 
@@ -126,7 +168,7 @@ def _run_and_report(
     "designs",
     multiple=True,
     type=DESIGN_CHOICE,
-    help="Design to run (repeatable; default: every design).",
+    help="Design to run (repeatable; default: every design, or with --mount the mount's).",
 )
 @click.option("--inproc", is_flag=True, help="Run in this process on the model (no FUSE).")
 @click.option("--mount", metavar="M", help="Use this existing gemfs mount (not with --inproc).")
@@ -183,15 +225,16 @@ def run(
 ) -> None:
     """Play a WORKLOAD file under each design and compare them side by side.
 
-    Example: gemfs run examples/desktop.toml --inproc --seeds 3 --design pinned
-    --gem-migratetype movable"""
+    The format of a workload file: examples/README.md.
+
+    \b
+    Examples:
+      gemfs run examples/compaction-test.toml --inproc
+      gemfs run examples/desktop.toml --seeds 3 --out out/desktop
+      gemfs run examples/desktop.toml --inproc --design pinned --gem-migratetype movable
+      gemfs run examples/compaction-test.toml --mount /tmp/gem   # an existing mount"""
     if inproc and mount:
         raise click.UsageError("--mount needs the multi-process stack; drop --inproc")
-    w = _load(workload)
-    if gem_migratetype:
-        w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
-    if driver_policy:
-        w = w.with_driver_policy(DriverPolicy.parse(driver_policy))
     if trace_file and not inproc:
         raise click.UsageError(
             "--trace needs --inproc (on the stack, read the mount's .gemfs/trace_pipe)"
@@ -203,13 +246,21 @@ def run(
         )
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
+    if mount:
+        w, chosen = _on_mount(mount, workload, designs)
+    else:
+        w, chosen = _load(workload), _designs(designs)
+    if gem_migratetype:
+        w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
     out_dir = Path(out) if out else Path("out") / w.name
     if jobs is None:
         jobs = 1 if mount or writer else default_jobs()
     elif mount and jobs > 1:
         raise click.UsageError("--mount plays on one existing mount: --jobs must be 1")
+    if driver_policy:
+        w = w.with_driver_policy(DriverPolicy.parse(driver_policy))
     try:
-        _run_and_report(w, _designs(designs), factory, seeds, out_dir, json_file, jobs)
+        _run_and_report(w, chosen, factory, seeds, out_dir, json_file, jobs)
     finally:
         if writer is not None:
             writer.close()
@@ -261,7 +312,12 @@ def demo(
     jobs: int | None,
 ) -> None:
     """Run the desktop workload under the thread's four designs (pinned, shmem-hook, gemfs,
-    notifier; --design for others) on the real stack, several seeds each, and compare them."""
+    notifier; --design for others) on the real stack, several seeds each, and compare them.
+
+    \b
+    Examples:
+      gemfs demo                       # what `make demo` runs (about 100 s)
+      gemfs demo --inproc --seeds 1    # the model alone, in a few seconds"""
     path = Path(workload_path) if workload_path else EXAMPLES / "desktop.toml"
     if not path.is_file():
         raise click.ClickException(f"{path} not found (run from a source checkout)")
@@ -286,7 +342,12 @@ def demo(
 )
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 def top(mountpoint: str | None, control: str | None, interval: float, once: bool) -> None:
-    """Show the live pool of MOUNTPOINT (or --control PATH): buddyinfo, score, counters."""
+    """Show the live pool of MOUNTPOINT (or --control PATH): buddyinfo, score, counters.
+
+    \b
+    Examples:
+      gemfs top /tmp/gem
+      gemfs top --control /tmp/gem.sock --once"""
     if (mountpoint is None) == (control is None):
         raise click.UsageError("give either MOUNTPOINT or --control PATH")
     try:

@@ -33,7 +33,13 @@ def _progress(stats: RecordStats) -> None:
 
 @click.command("record", context_settings={"ignore_unknown_options": True})
 @click.option("--duration", type=float, metavar="S", help="Seconds to record (default: 10).")
-@click.option("--out", default="gemfs.trace.gz", show_default=True, metavar="FILE")
+@click.option(
+    "--out",
+    default="gemfs.trace.gz",
+    show_default=True,
+    metavar="FILE",
+    help="Where the record goes (gzip'd text: the events, then the snapshots).",
+)
 @click.option(
     "--buffer-kb",
     type=click.IntRange(64),
@@ -41,7 +47,13 @@ def _progress(stats: RecordStats) -> None:
     show_default=True,
     help="Ring buffer per CPU; events it overwrites before being read are counted as lost.",
 )
-@click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between snapshots of buddyinfo, pagetypeinfo, vmstat and zoneinfo.",
+)
 @click.option(
     "--kpageflags",
     is_flag=True,
@@ -149,7 +161,12 @@ def _record_guest(out: Path) -> None:
     help="model: the model's allocator places every allocation; kernel: take the kernel's frames.",
 )
 @click.option("--zone", metavar="NAME", help="Zone to replay (default: the largest).")
-@click.option("--max-pool", default=f"{DEFAULT_MAX_POOL >> 30}GiB", show_default=True)
+@click.option(
+    "--max-pool",
+    default=f"{DEFAULT_MAX_POOL >> 30}GiB",
+    show_default=True,
+    help="Refuse a zone larger than this (record a window with --pfn-range instead).",
+)
 @click.option("--out", metavar="DIR", help="Write report.txt, replay.json and plots here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 def replay_cmd(
@@ -162,7 +179,9 @@ def replay_cmd(
     as_json: bool,
 ) -> None:
     """Replay a trace (gemfs record, tracefs, trace-cmd report, perf script) in the model and show
-    the kernel against the model over time."""
+    the kernel against the model over time.
+
+    Example: gemfs replay build.trace.gz --placement kernel --out out/replay"""
     try:
         trace = read_trace(file)
         results = replay(

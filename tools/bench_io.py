@@ -1,15 +1,18 @@
 """``gemfs bench io``: file I/O on a gemfs mount against a kernel tmpfs mounted side by side.
 
-Both file systems are mounted in a temporary directory and measured in the same run, round by
-round alternately, so the ratio gemfs/tmpfs is robust against the machine's mood. "Cold" reads
+Both file systems are mounted in a temporary directory and measured in the same run, figure by
+figure alternately (who goes first alternates from round to round), so the ratio gemfs/tmpfs is
+robust against the machine's mood. "Cold" reads
 first drop the file's page cache (``posix_fadvise(DONTNEED)``: on gemfs the data then comes
 through FUSE from the pool's frames; tmpfs has no other copy, so cold equals warm there).
+O_DIRECT reads bypass the page cache on both, so on gemfs every byte is a FUSE request; the
+small-write figure is dbench's kind of load (mixed writes of 1 B to 64 KiB into fresh files).
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import mmap
 import os
 import random
 import statistics
@@ -24,6 +27,7 @@ from gemfs.mountproc import MountError, server_args, start_server, stop, unmount
 
 CHUNK = 1 << 20
 SMALL = 4096
+DIRECT_PAIRS = 5  # O_DIRECT passes per file system and round: the noisiest figure
 
 
 class BenchError(Exception):
@@ -53,18 +57,26 @@ class IoResult:
     pool: str
     rounds: int
     figures: list[Figure] = field(default_factory=list)
+    slowest_write_ms: dict[str, float] = field(default_factory=dict)  # per file system
 
     def to_json(self) -> str:
         figs = [{**asdict(f), "ratio": round(f.ratio, 3), "met": f.met} for f in self.figures]
         return json.dumps(
-            {"size": self.size, "pool": self.pool, "rounds": self.rounds, "figures": figs}
+            {
+                "size": self.size,
+                "pool": self.pool,
+                "rounds": self.rounds,
+                "figures": figs,
+                "slowest_write_ms": self.slowest_write_ms,
+            }
         )
 
 
 def format_table(r: IoResult) -> str:
     lines = [
-        f"gemfs bench io: {format_size(r.size)} file, 1 MiB sequential and 4 KiB random "
-        f"requests, gemfs pool {r.pool}, median of {r.rounds} runs",
+        f"gemfs bench io: {format_size(r.size)} file, 1 MiB sequential (buffered and O_DIRECT) "
+        f"and 4 KiB random requests, small writes (dbench-like), gemfs pool {r.pool}, "
+        f"median of {r.rounds} runs",
         f"{'figure':<28}{'gemfs':>12}{'tmpfs':>12}{'gemfs/tmpfs':>13}  target",
     ]
     for f in r.figures:
@@ -73,6 +85,9 @@ def format_table(r: IoResult) -> str:
             f"{f.name + ' (' + f.unit + ')':<28}{f.gemfs:>12,.0f}{f.tmpfs:>12,.0f}"
             f"{f.ratio:>13.2f}  {target}"
         )
+    if r.slowest_write_ms:
+        g, t = r.slowest_write_ms.get("gemfs", 0.0), r.slowest_write_ms.get("tmpfs", 0.0)
+        lines.append(f"{'slowest small write (ms)':<28}{g:>12,.2f}{t:>12,.2f}")
     return "\n".join(lines)
 
 
@@ -115,6 +130,65 @@ def seq_read(path: str, size: int) -> float:
     return size / 1e6 / (time.perf_counter() - t0)
 
 
+def seq_read_direct(path: str, size: int) -> float:
+    """1 MiB sequential reads with O_DIRECT: no page cache, every byte through the file system
+    (on gemfs: FUSE requests answered from the pool's frames)."""
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            t0 = time.perf_counter()
+            total = 0
+            while n := os.readv(fd, [buf]):
+                total += n
+            elapsed = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+    finally:
+        buf.close()
+    if total != size:
+        raise BenchError(f"read {total} bytes of {size} from {path} with O_DIRECT")
+    return size / 1e6 / elapsed
+
+
+# dbench's NetBench load in miniature: small writes of mixed sizes into fresh files, a stat
+# and a close after each file, the file removed at the end; one-byte writes included.
+SMALL_WRITES = (1, 512, 4096, 17, 65536, 8192, 100, 4096, 32768, 1)
+
+
+SMALL_WRITE_FILES = 100  # of sum(SMALL_WRITES) bytes each: 11 MiB
+
+
+def small_writes(
+    directory: str, files: int = SMALL_WRITE_FILES, slowest: list[float] | None = None
+) -> float:
+    """Small writes (dbench-like): MB per second over create, write, fstat, close, unlink.
+    ``slowest`` gets the longest single write (seconds) appended."""
+    payload = os.urandom(max(SMALL_WRITES))
+    total = 0
+    worst = 0.0
+    t0 = time.perf_counter()
+    for i in range(files):
+        path = os.path.join(directory, f"small-{i}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            off = 0
+            for n in SMALL_WRITES:
+                t = time.perf_counter()
+                off += os.pwrite(fd, payload[:n], off)
+                worst = max(worst, time.perf_counter() - t)
+            os.fstat(fd)
+        finally:
+            os.close(fd)
+        total += off
+    for i in range(files):
+        os.unlink(os.path.join(directory, f"small-{i}"))
+    elapsed = time.perf_counter() - t0
+    if slowest is not None:
+        slowest.append(worst)
+    return total / 1e6 / elapsed
+
+
 def rand_read(path: str, offsets: list[int], *, cold: bool) -> float:
     buf = bytearray(SMALL)
     fd = os.open(path, os.O_RDONLY)
@@ -155,7 +229,8 @@ def bench_io(
         os.mkdir(gem_mp)
         os.mkdir(tmp_mp)
         log_path = os.path.join(tmp, "gemfs.log")
-        _run(["mount", "-t", "tmpfs", "-o", f"size={2 * nbytes}", "gemfs-bench", tmp_mp])
+        room = 2 * nbytes + SMALL_WRITE_FILES * sum(SMALL_WRITES)
+        _run(["mount", "-t", "tmpfs", "-o", f"size={room}", "gemfs-bench", tmp_mp])
         try:
             with open(log_path, "wb") as log:
                 try:
@@ -180,24 +255,41 @@ def _measure(result: IoResult, mounts: dict[str, str], rand_ops: int, cold_ops: 
     rng = random.Random(3)
     offsets = [rng.randrange(size // SMALL) * SMALL for _ in range(rand_ops)]
     samples: dict[str, dict[str, list[float]]] = {fs: {} for fs in mounts}
+    slowest: dict[str, list[float]] = {fs: [] for fs in mounts}
+    paths = {fs: os.path.join(mp, "bench.bin") for fs, mp in mounts.items()}
+    cold_offsets = offsets[:cold_ops]
 
-    def sample(fs: str, name: str, fn: Callable[[], float]) -> None:
-        samples[fs].setdefault(name, []).append(fn())
+    def each(order: list[str], name: str, fn: Callable[[str], float], times: int = 1) -> None:
+        """One figure on every file system back to back, so that both see the same load."""
+        for _ in range(times):
+            for fs in order:
+                try:
+                    samples[fs].setdefault(name, []).append(fn(fs))
+                except OSError as e:  # e.g. ENOSPC: a pool too small for --size
+                    raise BenchError(f"{name} on {fs}: {e.strerror or e}") from None
 
-    for _ in range(rounds):
-        for fs, mp in mounts.items():
-            path = os.path.join(mp, "bench.bin")
-            sample(fs, "seq write", functools.partial(seq_write, path, size, data))
-            drop_cache(path)
-            sample(fs, "seq read cold", functools.partial(seq_read, path, size))
-            sample(fs, "seq read warm", functools.partial(seq_read, path, size))
-            warm = functools.partial(rand_read, path, offsets, cold=False)
-            sample(fs, "rand read 4K warm", warm)
-            cold = functools.partial(rand_read, path, offsets[:cold_ops], cold=True)
-            sample(fs, "rand read 4K cold", cold)
-    targets = {"seq write": 0.4, "seq read cold": 0.6, "seq read warm": 0.6}
+    def cold_read(fs: str) -> float:
+        drop_cache(paths[fs])
+        return seq_read(paths[fs], size)
+
+    for r in range(rounds):
+        order = list(mounts) if r % 2 == 0 else list(reversed(mounts))
+        each(order, "seq write", lambda fs: seq_write(paths[fs], size, data))
+        each(order, "seq read cold", cold_read)
+        each(order, "seq read warm", lambda fs: seq_read(paths[fs], size))
+        each(order, "seq read O_DIRECT", lambda fs: seq_read_direct(paths[fs], size), DIRECT_PAIRS)
+        each(order, "rand read 4K warm", lambda fs: rand_read(paths[fs], offsets, cold=False))
+        each(order, "rand read 4K cold", lambda fs: rand_read(paths[fs], cold_offsets, cold=True))
+        each(order, "small writes", lambda fs: small_writes(mounts[fs], slowest=slowest[fs]))
+    result.slowest_write_ms = {fs: max(v) * 1000 for fs, v in slowest.items() if v}
+    targets = {
+        "seq write": 0.4,
+        "seq read cold": 0.6,
+        "seq read warm": 0.6,
+        "seq read O_DIRECT": 0.6,
+    }
     for name in samples["gemfs"]:
-        unit = "MB/s" if name.startswith("seq") else "IOPS"
+        unit = "IOPS" if name.startswith("rand") else "MB/s"
         g = statistics.median(samples["gemfs"][name])
         t = statistics.median(samples["tmpfs"][name])
         result.figures.append(Figure(name, unit, g, t, targets.get(name)))

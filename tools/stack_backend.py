@@ -8,20 +8,30 @@ compaction is one pass of the compactor process (``gemfs compactor --once``). Ti
 mount's modelled clock: ``advance`` moves it (the compactor process, started with
 ``--clock model``, wakes at its instants), so what a run reports does not depend on how fast
 or loaded this machine is; the stack runs as fast as it can.
+
+On an existing mount (``gemfs run --mount M``) the run needs M to itself as far as drivers go
+(no other driver attached), plays the mount's design on the mount's pool, keeps its files in
+one directory on M (``gemfs-run-<pid>``) and removes it at the end. Whatever goes wrong (a
+driver that exits, the mount going away) is a :class:`StackError`: one line that names the
+log, which is then kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,15 +39,53 @@ from driver.gem import DriverPolicy
 from gemfs.control.client import SyncClient
 from gemfs.control.peer import CallError
 from gemfs.mm import OutOfMemory
-from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
+from gemfs.mm.types import PAGE_SIZE, Design, MigrateType, format_size
+from gemfs.procfs import parse_pool
 from tools.backend import GpuSample, Handle, ProbeResult, Sample
+from tools.runner import BackendUnavailable
 from tools.workload import Workload
 
 STARTUP_S = 30.0
+EXIT_GRACE_S = 5.0  # how long a peer that closed its connection may take to exit
+GONE = ("ENOTCONN", "ECONNRESET", "EPIPE")  # CallError errnos: the peer closed the connection
 
 
-class StackError(RuntimeError):
-    """The stack could not be brought up (one line for the user)."""
+class StackError(BackendUnavailable, RuntimeError):
+    """The stack could not be brought up, or a part of it failed under a run (one line for the
+    user, naming the log to read)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MountInfo:
+    """What ``.gemfs/pool`` says about an existing mount."""
+
+    path: Path
+    pool: int  # bytes
+    design: Design
+    control: Path | None
+
+    @property
+    def pool_human(self) -> str:
+        return format_size(self.pool)
+
+
+def mount_info(mount: str | Path) -> MountInfo:
+    """Read an existing gemfs mount's pool size, design and control socket (StackError if it is
+    not a gemfs mount)."""
+    path = Path(mount)
+    try:
+        fields = parse_pool((path / ".gemfs" / "pool").read_text())
+        pool, design = int(fields["size"]), Design.parse(fields["design"])
+    except (OSError, KeyError, ValueError):
+        raise StackError(f"{mount} is not a gemfs mount (no readable .gemfs/pool)") from None
+    control = fields.get("control")
+    return MountInfo(path, pool, design, Path(control) if control else None)
+
+
+def _how(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
 
 
 def _gemfs() -> list[str]:
@@ -48,7 +96,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str) -
     deadline = time.monotonic() + STARTUP_S
     while not path.exists():
         if proc.poll() is not None:
-            raise StackError(f"{what} exited with {proc.returncode}; log: {log}")
+            raise StackError(f"{what} {_how(proc.returncode)} at start; log: {log}")
         if time.monotonic() > deadline:
             raise StackError(f"{what} not ready after {STARTUP_S:.0f} s; log: {log}")
         time.sleep(0.02)
@@ -90,10 +138,16 @@ class Stack:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._own_mount = mount is None
         self._closed = False
+        self.keep = False  # keep the work directory (the logs) at teardown
+        self.rundir: Path | None = None  # on an existing mount: where this run's files go
         self.model_clock = model_clock
         self.gem_migratetype = gem_migratetype
         try:
             self._start(pool, mount, proactiveness, order, interval_ms)
+        except StackError as e:
+            self.keep = str(self.workdir) in str(e)  # it names a log: that must stay
+            self.teardown()
+            raise
         except BaseException:
             self.teardown()
             raise
@@ -140,15 +194,22 @@ class Stack:
             if r.returncode != 0:
                 raise StackError(f"gemfs mount failed: {(r.stderr or r.stdout).strip()}")
         else:
-            self.mountpoint = Path(mount)
-            text = (self.mountpoint / ".gemfs" / "pool").read_text()
-            fields = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
-            if "control" not in fields:
-                raise StackError(f"{mount} has no control socket (mount it with --control)")
-            self.control = Path(fields["control"])
-            if fields.get("design") != self.design.value:
-                raise StackError(f"{mount} runs design {fields.get('design')}, not {self.design}")
-        self.core = SyncClient(str(self.control), name="gemfs-run")
+            info = mount_info(mount)
+            self.mountpoint = info.path
+            if info.control is None:
+                raise StackError(f"{mount} has no control socket (mount it with --control PATH)")
+            self.control = info.control
+            if info.design is not self.design:
+                raise StackError(
+                    f"{mount} runs design {info.design.value}, not {self.design.value} "
+                    f"(a mount plays the design it was mounted with)"
+                )
+        try:
+            self.core = SyncClient(str(self.control), name="gemfs-run")
+        except (CallError, OSError) as e:
+            raise StackError(f"cannot connect to {self.control}: {e}") from None
+        if not self._own_mount:
+            self._claim_existing_mount()
         self.driver_sock = self.workdir / "driver.sock"
         cmd = self._driver_args()
         drv = self._spawn("driver", [*_gemfs(), *cmd])
@@ -156,6 +217,49 @@ class Stack:
         self.drv = _connect(self.driver_sock, drv, self.workdir / "driver.log")
         if proactiveness > 0 or order >= 0:
             self.start_compactor(proactiveness=proactiveness, order=order, interval_ms=interval_ms)
+
+    def _claim_existing_mount(self) -> None:
+        """A run on someone's mount: no other driver may be attached (its objects and callbacks
+        would mix with the run's); the run's files go into a directory of their own."""
+        drivers = [p for p in self.core.call("stats")["peers"] if p["role"] == "driver"]
+        if drivers:
+            d = drivers[0]
+            raise StackError(
+                f"{self.mountpoint} already has a driver attached ({d['name']}, pid {d['pid']}); "
+                "stop it or use another mount"
+            )
+        self.rundir = self.mountpoint / f"gemfs-run-{os.getpid()}"
+        try:
+            self.rundir.mkdir()
+        except FileExistsError:
+            shutil.rmtree(self.rundir)  # left by a run of an earlier process with our pid
+            self.rundir.mkdir()
+        except OSError as e:
+            self.rundir = None
+            raise StackError(f"cannot create a directory on {self.mountpoint}: {e}") from None
+
+    def path_for(self, name: str) -> str:
+        """Where a file of this run goes, relative to the mount's root."""
+        if self.rundir is None:
+            return name
+        return f"{self.rundir.name}/{name}"
+
+    def failed(self, what: str, error: BaseException) -> StackError:
+        """The error to raise when a call to a part of the stack failed under a run: says which
+        process exited (and how) and names its log, which is kept."""
+        self.keep = True
+        for name, proc in self.procs:
+            if name not in ("driver", "compactor"):
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):  # it may be exiting right now
+                proc.wait(EXIT_GRACE_S if what.startswith(name) else 0.1)
+            if proc.returncode is not None:
+                log = self.workdir / f"{name}.log"
+                return StackError(f"the {name} {_how(proc.returncode)} during the run; log: {log}")
+        if not os.path.ismount(self.mountpoint):
+            where = self.workdir / "mount.log" if self._own_mount else self.mountpoint
+            return StackError(f"the mount went away during the run ({what}: {error}); see {where}")
+        return StackError(f"{what} failed: {error}; logs: {self.workdir}")
 
     def _driver_args(self) -> list[str]:
         cmd = ["driver", "--control", str(self.control), "--listen", str(self.driver_sock)]
@@ -199,7 +303,8 @@ class Stack:
             deadline = time.monotonic() + STARTUP_S
             while not self._compactor_registered():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise StackError(f"the compactor did not start; log: {self.workdir}")
+                    log = self.workdir / "compactor.log"
+                    raise StackError(f"the compactor did not start; log: {log}")
                 time.sleep(0.02)
 
     def _compactor_registered(self) -> bool:
@@ -240,10 +345,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.rundir is not None:  # the driver is gone: its pins with it; the files go now
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.rundir)
         if self._own_mount and hasattr(self, "mountpoint") and os.path.ismount(self.mountpoint):
             subprocess.run([*_gemfs(), "umount", str(self.mountpoint)], capture_output=True)
             if os.path.ismount(self.mountpoint):
                 subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        if self.keep:
+            return
         if os.environ.get("GEMFS_KEEP_STACK"):
             print(f"gemfs: kept {self.workdir}", file=sys.stderr)
             return
@@ -284,7 +394,25 @@ class StackBackend:
         self.core, self.drv = self.stack.core, self.stack.drv
         self.mountpoint = self.stack.mountpoint
         if workload.costs:
-            self.core.call("costs", {"table": dict(workload.costs)})
+            self._core("costs", {"table": dict(workload.costs)})
+
+    def _call(self, client: SyncClient, what: str, op: str, args: dict[str, Any]) -> Any:
+        """One call; a peer that went away (or a dead socket) becomes a StackError that names
+        the log, anything else the peer answered is raised as it came."""
+        try:
+            return client.call(op, args)
+        except CallError as e:
+            if e.errno in GONE:
+                raise self.stack.failed(f"{what} {op}", e) from None
+            raise
+        except OSError as e:
+            raise self.stack.failed(f"{what} {op}", e) from None
+
+    def _core(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        return self._call(self.core, "core", op, args or {})
+
+    def _drv(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        return self._call(self.drv, "driver", op, args or {})
 
     def _handle(self) -> Handle:
         h = Handle(self._next)
@@ -293,8 +421,11 @@ class StackBackend:
 
     # -- objects ----------------------------------------------------------------------------
     def create(self, size: int, tag: str, bind: bool) -> Handle:
+        args: dict[str, Any] = {"size": size}
+        if self.stack.rundir is not None:
+            args["path"] = self.stack.path_for(f"gem-{self._next}")
         try:
-            r = self.drv.call("create", {"size": size})
+            r = self._drv("create", args)
         except CallError as e:
             if e.errno in ("ENOSPC", "ENOMEM"):
                 raise OutOfMemory(str(e)) from None
@@ -302,27 +433,27 @@ class StackBackend:
         h = self._handle()
         self._objects[h] = int(r["obj"])
         if bind:
-            self.drv.call("exec", {"objs": [int(r["obj"])], "duration_ms": 0, "write": True})
+            self._drv("exec", {"objs": [int(r["obj"])], "duration_ms": 0, "write": True})
         return h
 
     def close(self, handle: Handle) -> None:
         if (oid := self._objects.pop(handle, None)) is not None:
-            self.drv.call("close", {"obj": oid, "unlink": True})
+            self._drv("close", {"obj": oid, "unlink": True})
         elif (f := self._files.pop(handle, None)) is not None:
-            self.core.call("close", {"obj": f[1], "unlink": True})
+            self._core("close", {"obj": f[1], "unlink": True})
         else:
             raise KeyError(f"no object or file with handle {handle}")
 
     def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
         ids = [self._objects[h] for h in handles]
         ms = duration_s * 1000
-        self.drv.call("exec", {"objs": ids, "duration_ms": ms, "write": write})
+        self._drv("exec", {"objs": ids, "duration_ms": ms, "write": write})
 
     def page_cache(self, size: int) -> Handle:
         h = self._handle()
-        name = f"cache-{int(h)}"
+        name = self.stack.path_for(f"cache-{int(h)}")
         try:  # the pages are allocated at once (as in process), then written through the mount
-            r = self.core.call("create", {"path": name, "size": size, "mt": "movable"})
+            r = self._core("create", {"path": name, "size": size, "mt": "movable"})
         except CallError as e:
             if e.errno in ("ENOSPC", "ENOMEM"):
                 raise OutOfMemory(str(e)) from None
@@ -332,7 +463,9 @@ class StackBackend:
             with open(self.mountpoint / name, "r+b") as f:
                 f.write(data)
         except OSError as e:
-            self.core.call("close", {"obj": int(r["obj"]), "unlink": True})
+            if e.errno not in (errno.ENOSPC, errno.EFBIG):
+                raise self.stack.failed(f"writing {name}", e) from None
+            self._core("close", {"obj": int(r["obj"]), "unlink": True})
             raise OutOfMemory(str(e)) from None
         self._files[h] = (name, int(r["obj"]))
         return h
@@ -340,7 +473,7 @@ class StackBackend:
     # -- kernel allocations -----------------------------------------------------------------
     def alloc_noise(self, order: int, mt: MigrateType) -> Handle | None:
         try:
-            r = self.core.call("alloc", {"order": order, "mt": mt.name.lower()})
+            r = self._core("alloc", {"order": order, "mt": mt.name.lower()})
         except CallError:
             return None
         h = self._handle()
@@ -348,10 +481,10 @@ class StackBackend:
         return h
 
     def free_noise(self, handle: Handle) -> None:
-        self.core.call("free", {"pfn": self._noise.pop(handle)})
+        self._core("free", {"pfn": self._noise.pop(handle)})
 
     def probe(self, order: int) -> ProbeResult:
-        r = self.core.call("alloc", {"order": order, "mt": "movable", "compact": True})
+        r = self._core("alloc", {"order": order, "mt": "movable", "compact": True})
         pfn = int(r["pfn"])
         if pfn < 0:
             return False, float(r["latency_us"]), False
@@ -360,7 +493,7 @@ class StackBackend:
 
     def release_probes(self) -> None:
         for pfn in self._probes:
-            self.core.call("free", {"pfn": pfn})
+            self._core("free", {"pfn": pfn})
         self._probes.clear()
 
     # -- compaction and time ----------------------------------------------------------------
@@ -369,11 +502,11 @@ class StackBackend:
         self.core.call("compact", {})
 
     def advance(self, seconds: float) -> None:
-        self.core.call("advance", {"seconds": max(0.0, seconds)})
+        self._core("advance", {"seconds": max(0.0, seconds)})
 
     def sample(self, *, full: bool = True) -> Sample:
-        s = self.core.call("stats", {"light": not full})
-        d = self.drv.call("stats")
+        s = self._core("stats", {"light": not full})
+        d = self._drv("stats")
         lat = np.asarray(s["callback_wall_us"], dtype=np.float64)  # harness figure only
         p50, p99 = np.percentile(lat, [50, 99]).tolist() if len(lat) else (0.0, 0.0)
         vm = dict(s["vmstat"])
@@ -411,7 +544,7 @@ class StackBackend:
     def verify(self) -> int:
         """GPU-side mismatches, objects whose content differs, and page-cache files that
         read back (through the mount) differently from what was written."""
-        r = self.drv.call("verify")
+        r = self._drv("verify")
         bad = int(r["data_errors"])
         for h, (name, _oid) in self._files.items():
             data = (self.mountpoint / name).read_bytes()

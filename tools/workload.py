@@ -4,12 +4,13 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
 
     name = "compaction-test"        # optional; defaults to the file name
     description = "..."             # optional
-    pool = "512MiB"                 # a multiple of 4MiB (one order-10 block)
-    seed = 1                        # the same seed plays the same workload
-    page_size = 4096                # optional; the model's frames are 4096 bytes
+    pool = "512MiB"                 # a multiple of 4MiB (one order-10 block); with
+                                    #   ``gemfs run --mount M``, M's pool is used instead
+    seed = 1                        # the same seed plays the same workload (default 0)
+    page_size = 4096                # optional; must be 4096 (the model's frame size)
 
     [costs]                         # optional: override the cost model (gemfs.mm.costs),
-    copy_page_us = 2.0              #   modelled µs per operation, e.g. flush_page_us = 10
+    copy_page_us = 2.0              #   modelled µs per operation (>= 0), e.g. flush_page_us = 10
 
     [driver]                        # optional: GEM pages' migrate type instead of the design's
     migratetype = "movable"         #   unmovable | movable | reclaimable (an ablation)
@@ -25,39 +26,54 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
     kind = "create"
     ...
 
+``[costs]`` entries (modelled µs, defaults and sources in gemfs/mm/costs.py): ``copy_page_us``,
+``gtt_pte_us``, ``callback_us``, ``flush_page_us``, ``pin_call_us``, ``pin_page_us``,
+``unpin_call_us``, ``unpin_page_us``, ``refault_page_us``, ``scan_page_us``, ``alloc_fast_us``.
+
 Phase kinds and their keys (every phase also takes an optional ``name`` for the timeline):
 
 =============  =================================================================================
 kind           keys
 =============  =================================================================================
 create         GEM objects. ``tag``; ``count`` or ``fill`` (fraction of the free memory);
-               ``size`` (below); ``bind`` (the GPU binds them: pinned until freed);
+               ``size`` (below); ``bind`` (default false: the GPU binds them, pinned until freed);
                ``start_offset`` (placement, below)
-page-cache     Unpinned movable files (the rest of the system; they can always move). ``tag``;
-               ``count`` or ``fill``; ``size`` (default 1MiB); ``start_offset``
+page-cache     Unpinned movable files (the rest of the system; they can always move; dropped
+               oldest first when an allocation needs room). ``tag``; ``count`` or ``fill``;
+               ``size`` (default 1MiB); ``start_offset``
 gpu            GPU batches. ``tag`` (a tag or a list); ``fraction`` (of those objects, per batch;
-               default 1) or ``count``; ``duration_ms``; ``access`` (read | write);
-               ``repeat`` (batches); ``interval_ms`` (time between batch submissions)
-free           ``tag``; one of ``every`` (every Nth in creation order, from ``offset``),
-               ``fraction`` (random), ``count`` (the oldest N), ``all = true``
+               default 1) or ``count``; ``duration_ms`` (default 1); ``access`` (read | write;
+               default read); ``repeat`` (batches, default 1); ``interval_ms`` (time between
+               batch submissions, default 0)
+free           ``tag``; one of ``every`` (every Nth in creation order, from ``offset``, default
+               0), ``fraction`` (random), ``count`` (the oldest N), ``all = true``
 noise          Kernel allocations of another migrate type. ``tag``; ``type`` (unmovable |
-               reclaimable | movable); ``order``; ``count`` (allocations) or ``pages``
+               reclaimable | movable); ``order`` (default 0); ``count`` (allocations) or
+               ``pages``
 probe          High-order allocations with direct compaction. ``order`` (default 9; above 10,
                i.e. larger than a buddy block, the kernel's alloc_contig_range: up to 18 =
-               1 GiB) or ``size`` (``"16MiB"``, ``"1GiB"``: a power of two); ``count``
-               (a number or "all": until one fails); ``repeat``; ``interval_ms``; ``hold``
-               (keep the blocks until the next probe phase without hold)
+               1 GiB) or ``size`` (``"16MiB"``, ``"1GiB"``: a power of two); ``count`` (a
+               number, default 1, or "all": until one fails); ``repeat`` (default 1);
+               ``interval_ms`` (default 0); ``hold`` (default false; true: keep the blocks
+               until the next probe phase without hold)
 compact        Explicit compaction of the whole pool (``echo 1 > compact_memory``)
 wait           ``ms``: time passes; the compactor wakes every ``interval_ms``
 repeat         ``times``; ``[[phase.do]]`` tables: the phases to repeat
 =============  =================================================================================
 
+Tags: ``create``, ``page-cache`` and ``noise`` phases create a tag; ``gpu`` and ``free`` name one
+that an earlier phase created (inside a ``repeat`` body, or one that body creates). A tag no
+phase created is an error. So is a phase whose ``count`` allocations (at their smallest size)
+cannot fit the pool at once: the pool is too small for the workload.
+
 Sizes are ``"64KiB"``-style strings or byte counts, or an inline table with ``dist``:
 ``{ dist = "uniform", min = "4KiB", max = "1MiB" }``,
 ``{ dist = "lognormal", median = "64KiB", sigma = 1.0, min = "4KiB", max = "64MiB" }``,
-``{ dist = "mesa", median = "64KiB", sigma = 1.5 }`` (log-normal rounded up to Mesa's bucket
-sizes: 4, 8, 12 KiB, then four buckets per power of two up to 64 MiB), or
-``{ dist = "choice", sizes = ["4MiB", "16MiB"], weights = [3, 1] }``.
+``{ dist = "mesa", median = "64KiB", sigma = 1.5, max = "8MiB" }`` (log-normal rounded up to
+Mesa's bucket sizes: 4, 8, 12 KiB, then four buckets per power of two up to 64 MiB; ``min``
+and ``max`` clip the draw before rounding), ``{ dist = "fixed", size = "1MiB" }``, or
+``{ dist = "choice", sizes = ["4MiB", "16MiB"], weights = [3, 1] }``. ``sigma`` defaults to 1,
+``min`` to 4KiB and ``max`` to 64MiB (or the pool, when smaller); ``weights`` to equal.
 
 Placement: ``start_offset = N`` on a ``create`` or ``page-cache`` phase hands out N single
 movable pages (kept, tag ``<tag>.offset``) just before the phase's first allocation, so that its
@@ -659,8 +675,99 @@ def _size_dist(t: _Table, key: str, default: str | None, pool: int) -> SizeDist:
                     raise s.error("weights", "weights must be non-negative with a positive sum")
                 dist = Choice(sizes=sizes, weights=weights)
     if dist.max_size > pool:
-        raise t.error(key, f"{key}: objects up to {format_size(dist.max_size)} do not fit the pool")
+        raise t.error(
+            key,
+            f"{key}: objects up to {format_size(dist.max_size)} do not fit the pool "
+            f"({format_size(pool)})",
+        )
     return dist
+
+
+def _min_size(dist: SizeDist) -> int:
+    """The smallest object a distribution can give, in whole pages."""
+    match dist:
+        case Fixed(size=size):
+            low = size
+        case Uniform(min=low) | LogNormal(min=low):
+            pass
+        case Mesa(min=low):
+            low = next(b for b in mesa_buckets() if b >= low)
+        case Choice(sizes=sizes):
+            low = min(sizes)
+    return -(-low // PAGE_SIZE) * PAGE_SIZE
+
+
+def _check_fits(t: _Table, what: str, count: int, nbytes: int, pool: int) -> None:
+    """A phase whose ``count`` allocations cannot all be in the pool at once: the pool is too
+    small for the workload (says how much it would take)."""
+    if count * nbytes > pool:
+        key = "count" if t.has("count") else "pages"
+        raise t.error(
+            key,
+            f"{count} {what} of at least {format_size(nbytes)} need "
+            f"{format_size(count * nbytes)}; the pool is {format_size(pool)}, too small for "
+            "this workload (make the pool larger or the count smaller)",
+        )
+
+
+_CREATES_TAGS = (Create, PageCache, Noise)
+
+
+def _created_tags(phases: Sequence[Phase]) -> set[str]:
+    return {p.tag for p in walk(phases) if isinstance(p, _CREATES_TAGS)}
+
+
+def _check_phases(
+    ctx: _Ctx,
+    raw: Sequence[object],
+    phases: Sequence[Phase],
+    path: KeyPath,
+    where: str,
+    pool: int,
+    known: set[str],
+) -> None:
+    """Checks across phases, after each parsed on its own: every tag a phase names was created
+    by an earlier phase (in a repeat body: or anywhere in that body, for the next round), and no
+    phase asks for more than the pool can hold at once."""
+    for i, (data, phase) in enumerate(zip(raw, phases, strict=True)):
+        assert isinstance(data, dict)
+        p = (*path, i)
+        t = _Table(ctx, data, p, f"{where} {i + 1} ({data['kind']})")
+        match phase:
+            case Create(amount=Amount(count=int(n)), size=size):
+                _check_fits(t, "objects", n, _min_size(size), pool)
+            case PageCache(amount=Amount(count=int(n)), size=size):
+                _check_fits(t, "files", n, _min_size(size), pool)
+            case Noise(count=n, order=order):
+                _check_fits(t, "allocations", n, PAGE_SIZE << order, pool)
+            case Gpu(tags=tags):
+                for tag in tags:
+                    _check_tag(t, tag, known)
+            case Free(tag=tag):
+                _check_tag(t, tag, known)
+            case Repeat(phases=body) if "do" not in data:
+                # A create/page-cache phase with start_offset, played as a repeat of once over
+                # its offset pages and itself: both come from this one table.
+                known |= _created_tags(body)
+            case Repeat(phases=body):
+                inner = known | _created_tags(body)
+                _check_phases(ctx, data["do"], body, (*p, "do"), f"{t.where} > do", pool, inner)
+                known |= inner
+        if isinstance(phase, _CREATES_TAGS):
+            known.add(phase.tag)
+
+
+def _check_tag(t: _Table, tag: str, known: set[str]) -> None:
+    if tag in known:
+        return
+    near = difflib.get_close_matches(tag, sorted(known), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    made = ", ".join(sorted(known)) or "none yet"
+    raise t.error(
+        "tag",
+        f"tag {tag!r} is not created by any phase before this one "
+        f"(create, page-cache and noise phases create tags; so far: {made}){hint}",
+    )
 
 
 def _amount(t: _Table) -> Amount:
@@ -830,8 +937,11 @@ def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Pha
             return Repeat(name=name, times=times, phases=phases)
 
 
-def parse_workload(text: str, file: str = "<workload>") -> Workload:
-    """Parse and validate a workload; raise :class:`WorkloadError` with file and line."""
+def parse_workload(text: str, file: str = "<workload>", pool: int | None = None) -> Workload:
+    """Parse and validate a workload; raise :class:`WorkloadError` with file and line.
+
+    ``pool``: play on a pool of this size instead of the file's (an existing mount's); the
+    phases are checked against it."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -856,11 +966,12 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
     )
     name = top.str_("name", Path(file).stem or "workload")
     description = top.str_("description", "")
-    pool = top.size("pool")
+    file_pool = top.size("pool")
     try:
-        check_pool_size(pool)
+        check_pool_size(file_pool)
     except ValueError as e:
         raise top.error("pool", str(e)) from None
+    pool = file_pool if pool is None else pool
     if top.has("page_size") and top.int_("page_size") != PAGE_SIZE:
         raise top.error("page_size", f"page_size must be {PAGE_SIZE} (the model's frame size)")
     seed = top.int_("seed", 0, lo=0)
@@ -896,6 +1007,7 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
     phases = tuple(
         _phase(ctx, p, ("phase", i), f"phase {i + 1}", pool) for i, p in enumerate(raw_phases)
     )
+    _check_phases(ctx, raw_phases, phases, ("phase",), "phase", pool, set())
     return Workload(
         name=name,
         description=description,
@@ -909,8 +1021,8 @@ def parse_workload(text: str, file: str = "<workload>") -> Workload:
     ).with_driver_policy(policy)
 
 
-def load_workload(path: str | Path) -> Workload:
-    """Read and parse a workload file."""
+def load_workload(path: str | Path, pool: int | None = None) -> Workload:
+    """Read and parse a workload file (``pool``: see :func:`parse_workload`)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -918,4 +1030,4 @@ def load_workload(path: str | Path) -> Workload:
         raise WorkloadError(str(p), 1, f"cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise WorkloadError(str(p), 1, "not a UTF-8 text file") from None
-    return parse_workload(text, str(p))
+    return parse_workload(text, str(p), pool)

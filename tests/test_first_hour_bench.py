@@ -1,0 +1,61 @@
+"""Issue 10, item 15: ``gemfs bench io`` measures O_DIRECT sequential reads and dbench-like small
+writes on gemfs against a kernel tmpfs in the same run (a small, quick run here)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from gemfs.cli import main
+from tools.bench_io import Figure, IoResult, format_table
+
+pytestmark = [pytest.mark.mount]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bench io mounts a tmpfs: needs root")
+def test_bench_io_measures_o_direct_reads_and_small_writes_against_tmpfs() -> None:
+    r = CliRunner().invoke(
+        main, ["bench", "io", "--size", "8MiB", "--pool", "64MiB", "--rounds", "1", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    figures = {f["name"]: f for f in data["figures"]}
+    assert list(figures) == [
+        "seq write",
+        "seq read cold",
+        "seq read warm",
+        "seq read O_DIRECT",
+        "rand read 4K warm",
+        "rand read 4K cold",
+        "small writes",
+    ]
+    for f in figures.values():
+        assert f["gemfs"] > 0, f
+        assert f["tmpfs"] > 0, f
+        assert f["ratio"] == round(f["gemfs"] / f["tmpfs"], 3)
+    assert figures["seq read O_DIRECT"]["target"] == 0.6
+    assert figures["seq read O_DIRECT"]["unit"] == figures["small writes"]["unit"] == "MB/s"
+    assert set(data["slowest_write_ms"]) == {"gemfs", "tmpfs"}
+    assert all(v > 0 for v in data["slowest_write_ms"].values())
+
+
+def test_the_table_prints_the_ratio_and_the_slowest_write() -> None:
+    result = IoResult(8 << 20, "16MiB", 1)
+    result.figures.append(Figure("seq read O_DIRECT", "MB/s", 1800.0, 3000.0, 0.6))
+    result.slowest_write_ms = {"gemfs": 9.0, "tmpfs": 0.25}
+    lines = format_table(result).splitlines()
+    assert lines[2].split() == ["seq", "read", "O_DIRECT", "(MB/s)", "1,800", "3,000", "0.60",
+                                ">=", "0.60", "ok"]  # fmt: skip
+    assert lines[3].split() == ["slowest", "small", "write", "(ms)", "9.00", "0.25"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bench io mounts a tmpfs: needs root")
+def test_bench_io_on_a_pool_too_small_is_one_line() -> None:
+    r = CliRunner().invoke(
+        main, ["bench", "io", "--size", "32MiB", "--pool", "16MiB", "--rounds", "1"]
+    )
+    assert r.exit_code == 1
+    assert r.output.strip() == "Error: seq write on gemfs: No space left on device"
