@@ -41,6 +41,7 @@ import os
 import re
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ Row = dict[str, Any]
 
 RETRIES = 1  # a run whose worker dies is tried this many more times, then recorded as failed
 STATUSES = ("ok", "failed")
+WAIT_FOR_WORKERS_S = 60.0  # for the first worker of an existing scheduler
+CONNECT_TIMEOUT_S = 10.0  # to reach an existing scheduler
 
 
 class SpecError(Exception):
@@ -201,9 +204,11 @@ def _tags(phase: Mapping[str, Any]) -> list[str]:
 
 def _find_phase(data: Mapping[str, Any], which: str, key: str) -> dict[str, Any]:
     phases = list(_phases(data))
-    found = [p for p in phases if p.get("name") == which] or [
-        p for p in phases if which in _tags(p)
-    ]
+    found = (
+        [p for p in phases if p.get("name") == which]
+        or [p for p in phases if which in _tags(p)]
+        or [p for p in phases if "name" not in p and p.get("kind") == which]  # default name
+    )
     if len(found) > 1:  # a tag shared by several phases: the one that sets this key
         having = [p for p in found if key in p]
         found = having if having else found
@@ -438,27 +443,43 @@ def default_workers() -> int:
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
     """A client on an existing scheduler, or on a new local cluster of worker processes that
-    retries a run whose worker died once (``allowed_failures``)."""
+    retries a run whose worker died once (``allowed_failures``).
+
+    Start an existing scheduler with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1`` and
+    ``DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0`` for the same behaviour (dask's
+    defaults retry three times and may count a run queued on a dying worker as a suspect)."""
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
         except (OSError, TimeoutError) as e:
             raise SweepError(f"cannot reach the dask scheduler at {scheduler}: {e}") from None
         try:
+            try:
+                client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+            except TimeoutError:
+                raise SweepError(
+                    f"no dask worker joined the scheduler at {scheduler} within "
+                    f"{WAIT_FOR_WORKERS_S:g} s (start some with: dask worker {scheduler})"
+                ) from None
             yield client
         finally:
             client.close()
         return
-    cluster = LocalCluster(
-        n_workers=workers or default_workers(),
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        scheduler_kwargs={"allowed_failures": RETRIES},
-        silence_logs=logging.ERROR,
-    )
+    # worker-saturation 1.0: a worker holds only the run it is playing, so when it dies no
+    # other run is counted against allowed_failures as a suspect (dask's default 1.1 rounds
+    # up to a second run queued on a one-thread worker).
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        cluster = LocalCluster(
+            n_workers=workers or default_workers(),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",  # an HTTP port of its own (no clash with 8787)
+            scheduler_kwargs={"allowed_failures": RETRIES},
+            silence_logs=logging.CRITICAL,  # failed runs are in results.csv
+        )
     try:
         client = Client(cluster)
         try:
@@ -495,11 +516,16 @@ def run_on(
     """Submit every task; as each finishes (in any order), call ``on_row`` with its row."""
     from distributed import as_completed
 
-    futures = {client.submit(fn, t, key=f"gemfs-run-{t.key}", pure=False): t for t in tasks}
+    # A fresh dask key per submission: a scheduler that still remembers an earlier attempt
+    # under the same key (a released erred task) would hand back its old result.
+    nonce = uuid.uuid4().hex[:8]
+    futures = {client.submit(fn, t, key=f"gemfs-run-{t.key}-{nonce}"): t for t in tasks}
     for future in as_completed(futures):
         task = futures[future]
         if future.status == "finished":
             row = result_row(task, future.result(), None)
+        elif future.cancelled():  # the cluster let go of it (e.g. the scheduler restarted)
+            row = result_row(task, None, "cancelled by the dask cluster")
         else:
             exc = future.exception()
             row = result_row(task, None, f"{type(exc).__name__}: {exc}")
