@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @click.group()
@@ -63,3 +67,33 @@ def bench_migrate_cmd(pages: int, batch: int) -> None:
     click.echo(f"{'callback round trip, batched, p99':<42} {f.p99_us:>12,.0f} us")
     click.echo(f"{'baseline: in-process, batched':<42} {f.inproc_pages_s:>12,.0f} pages/s")
     click.echo(f"{'ratio socket / in-process':<42} {f.batched_pages_s / f.inproc_pages_s:>12.2f}")
+
+
+@bench.command("sweep")
+@click.option("--runs", default=64, show_default=True, type=click.IntRange(4))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--pool", default="32MiB", show_default=True, help="Pool of each run.")
+@click.option(
+    "--workload",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Workload of every run (default: examples/compaction-test.toml).",
+)
+def bench_sweep_cmd(runs: int, workers: int, pool: str, workload: str | None) -> None:
+    """A sweep on a local dask cluster against the same runs one after another."""
+    from tools.bench_sweep import bench_sweep
+
+    path = Path(workload) if workload else EXAMPLES / "compaction-test.toml"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found (run from a source checkout)")
+    b = bench_sweep(path, pool=pool, runs=runs, workers=workers)
+    click.echo(f"{'runs (every design, seeds in turn)':<46} {b.runs:>10} of {path.name} at {pool}")
+    click.echo(f"{'local cluster start-up':<46} {b.startup_s:>10.2f} s   {b.workers} workers")
+    click.echo(f"{'one after another, in this process':<46} {b.serial_s:>10.2f} s")
+    click.echo(f"{'on the cluster (dask.distributed)':<46} {b.dask_s:>10.2f} s")
+    click.echo(f"{'ratio one after another / cluster':<46} {b.speedup:>10.2f} x")
+    click.echo(f"{'time a worker spent per run, playing':<46} {1000 * b.play_s / b.runs:>10.0f} ms")
+    click.echo(
+        f"{'engine overhead per run (workers idle or busy)':<46} {b.overhead_ms:>10.0f} ms"
+        "   (workers × wall − playing) / runs"
+    )
+    click.echo(f"{'engine time per run, tasks that do nothing':<46} {b.noop_ms:>10.1f} ms")
