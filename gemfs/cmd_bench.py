@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -85,7 +86,9 @@ def bench_sweep_cmd(runs: int, workers: int, pool: str, workload: str | None) ->
     path = Path(workload) if workload else EXAMPLES / "compaction-test.toml"
     if not path.is_file():
         raise click.ClickException(f"{path} not found (run from a source checkout)")
+    load0 = os.getloadavg()[0]
     b = bench_sweep(path, pool=pool, runs=runs, workers=workers)
+    load1 = os.getloadavg()[0]
     click.echo(f"{'runs (every design, seeds in turn)':<46} {b.runs:>10} of {path.name} at {pool}")
     click.echo(f"{'local cluster start-up':<46} {b.startup_s:>10.2f} s   {b.workers} workers")
     click.echo(f"{'one after another, in this process':<46} {b.serial_s:>10.2f} s")
@@ -97,3 +100,7 @@ def bench_sweep_cmd(runs: int, workers: int, pool: str, workload: str | None) ->
         "   (workers × wall − playing) / runs"
     )
     click.echo(f"{'engine time per run, tasks that do nothing':<46} {b.noop_ms:>10.1f} ms")
+    click.echo(
+        f"{'load average, before / after (1 min)':<46} {load0:>10.2f} / {load1:.2f} "
+        f"on {os.cpu_count()} cores"
+    )

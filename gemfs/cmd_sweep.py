@@ -183,8 +183,19 @@ def sweep(
 @_SCHEDULER
 @_WORKERS
 @_RETRY
+@click.option(
+    "--machines",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Play only the first N machines of the spec's fleet (each machine's draws stay the same).",
+)
 def fleet(
-    spec: str, out: str | None, scheduler: str | None, workers: int | None, retry_failed: bool
+    spec: str,
+    out: str | None,
+    scheduler: str | None,
+    workers: int | None,
+    retry_failed: bool,
+    machines: int | None,
 ) -> None:
     """Play a fleet of simulated machines (workload mix, pool size, uptime drawn from SPEC)
     under each design, and report per design the share with no free 2 MiB / 16 MiB / 1 GiB
@@ -192,7 +203,7 @@ def fleet(
     from tools.fleet import load_fleet
 
     try:
-        f = load_fleet(spec)
+        f = load_fleet(spec, machines)
     except SpecError as e:
         raise click.ClickException(str(e)) from None
     out_dir = Path(out) if out else Path("out") / f"fleet-{f.name}"

@@ -201,8 +201,9 @@ def _check(spec: SpecFile, mix: Mix, draws: tuple[Draw, ...], where: tuple[str |
                 raise param_error(spec, (*where, d.path), d.path, v, e, mix.workload) from None
 
 
-def load_fleet(path: str | Path) -> Fleet:
-    """Read a fleet spec, draw its machines and build their runs (:class:`SpecError` if wrong)."""
+def load_fleet(path: str | Path, first: int | None = None) -> Fleet:
+    """Read a fleet spec, draw its machines and build their runs (:class:`SpecError` if wrong);
+    ``first``: only the first machines (the same draws as in the whole fleet)."""
     spec = SpecFile(path)
     d = spec.data
     spec.allow(d, (), ("name", "description", "machines", "seed", "designs", "draw", "mix"))
@@ -243,6 +244,8 @@ def load_fleet(path: str | Path) -> Fleet:
         _check(spec, mix, common, ("draw",))
         _check(spec, mix, mix.draws, (*where, "draw"))
         mixes.append(mix)
+    if first is not None:
+        n = min(n, first)
     p = np.array([m.weight for m in mixes])
     machines: list[Machine] = []
     tasks: list[RunTask] = []

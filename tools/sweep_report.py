@@ -27,6 +27,7 @@ from tools.sweep import FREE_BLOCK_SIZES, number
 
 CsvRow = Mapping[str, str]
 LINESTYLES = ("-", "--", "-.", ":")
+MAX_PANELS = 6  # values of a second parameter drawn as panels side by side
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -103,37 +104,48 @@ def plot_sweep(
     for metric in metrics:
         if not values_of(good, metric):
             continue
-        files.append(_lines(good, params[0], designs, metric, out))
+        files.append(_lines(good, params, designs, metric, out))
         if len(params) >= 2:
             files.append(_heatmaps(good, params[0], params[1], designs, metric, out))
     return files
 
 
 def _lines(
-    rows: Sequence[CsvRow], param: str, designs: Sequence[str], metric: str, out: Path
+    rows: Sequence[CsvRow], params: Sequence[str], designs: Sequence[str], metric: str, out: Path
 ) -> Path:
+    """The metric against the first parameter, one line per design; with a second parameter,
+    one panel per value of it (small multiples), so the band spans only seeds and the rest."""
+    param = params[0]
     labels, xs = _axis([r.get(param, "") for r in rows])
     pos = xs if xs is not None else list(range(len(labels)))
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    for i, d in enumerate(designs):
-        mean, lo, hi = [], [], []
-        for label in labels:
-            vs = values_of(
-                [r for r in rows if r.get("design") == d and r.get(param) == label], metric
-            )
-            mean.append(float(np.mean(vs)) if vs else np.nan)
-            lo.append(min(vs) if vs else np.nan)
-            hi.append(max(vs) if vs else np.nan)
-        ax.plot(pos, mean, marker="o", linestyle=LINESTYLES[i % 4], label=d)
-        ax.fill_between(pos, lo, hi, alpha=0.15)
-    if xs is None:
-        ax.set_xticks(pos, labels)
-    ax.set_xlabel(param)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against {param} (mean over seeds, min–max band)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels: list[tuple[str, list[CsvRow]]] = [("", list(rows))]
+    if len(params) >= 2:
+        second, _ = _axis([r.get(params[1], "") for r in rows])
+        if len(second) <= MAX_PANELS:
+            panels = [
+                (f"{params[1]} = {v}", [r for r in rows if r.get(params[1]) == v]) for v in second
+            ]
+    fig = Figure(figsize=(4.2 * len(panels) + 1.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (title, sel) in zip(axes, panels, strict=True):
+        for i, d in enumerate(designs):
+            mean, lo, hi = [], [], []
+            for label in labels:
+                mine = [r for r in sel if r.get("design") == d and r.get(param) == label]
+                vs = values_of(mine, metric)
+                mean.append(float(np.mean(vs)) if vs else np.nan)
+                lo.append(min(vs) if vs else np.nan)
+                hi.append(max(vs) if vs else np.nan)
+            ax.plot(pos, mean, marker="o", linestyle=LINESTYLES[i % 4], label=d)
+            ax.fill_between(pos, lo, hi, alpha=0.15)
+        if xs is None:
+            ax.set_xticks(pos, labels)
+        ax.set_xlabel(param)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    axes[0].legend()
+    fig.suptitle(f"{metric} against {param} (mean, min–max band over seeds and the rest)")
     return _save(fig, out / f"{_slug(metric)}.lines.png")
 
 
