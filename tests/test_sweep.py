@@ -173,6 +173,20 @@ def test_a_combination_that_does_not_fit_names_the_grid(tmp_path: Path) -> None:
     assert "do not fit the pool" in info.value.message
 
 
+def test_the_example_specs_load() -> None:
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    s = load_sweep(examples / "sweep-pinned-fraction.toml")
+    assert len(s.tasks) == 64
+    assert s.params == ["phase.chunk.fill", "pool"]
+    f = load_fleet(examples / "fleet-desktops.toml")
+    assert len(f.machines) == 48
+    assert len(f.tasks) == 48 * 4
+    for p in ("sweep-pinned-fraction.toml", "fleet-desktops.toml"):
+        text = (examples / p).read_text(encoding="utf-8")
+        assert text.startswith("#")
+        assert "Contiguitas" in text
+
+
 # -- rows and the results table -----------------------------------------------------------------
 def test_flatten_record_joins_keys_with_dots_and_counts_free_blocks() -> None:
     w = parse_workload(TINY, "tiny.toml")
