@@ -20,6 +20,7 @@ from tools.sweep import (
     SweepError,
     dask_client,
     execute,
+    locked,
     scheduler_retries,
     write_meta,
 )
@@ -52,8 +53,6 @@ def _run(
     """Run the tasks on dask with a progress bar; rows stream into OUT/results.csv."""
     if scheduler and workers:
         raise click.UsageError("--workers sizes the local cluster: drop it with --scheduler")
-    out.mkdir(parents=True, exist_ok=True)
-    table = ResultsTable(out / "results.csv")
     console = Console(stderr=True, highlight=False)
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -63,7 +62,8 @@ def _run(
     )
     ok = failed = 0
     try:
-        with dask_client(scheduler, workers) as client:
+        with locked(out), dask_client(scheduler, workers) as client:
+            table = ResultsTable(out / "results.csv")  # read under the lock
             nworkers = len(client.nthreads())
             where = f"the scheduler at {scheduler}" if scheduler else "a local cluster"
             retries = scheduler_retries(client)
@@ -93,8 +93,9 @@ def _run(
     except SweepError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
+        done_rows = len(ResultsTable(out / "results.csv").rows)
         console.print(
-            f"interrupted: {len(table.rows)} runs are in {table.path}; "
+            f"interrupted: {done_rows} runs are in {out / 'results.csv'}; "
             "the same command resumes without redoing them"
         )
         raise SystemExit(130) from None

@@ -36,6 +36,7 @@ from tools.sweep import (
     flatten_record,
     free_blocks,
     load_sweep,
+    locked,
     result_row,
     run_task,
     split_path,
@@ -470,3 +471,27 @@ def test_fleet_command_reports_shares_and_plots(tmp_path: Path) -> None:
     names = sorted(p.name for p in plot_fleet(rows, ["pinned", "notifier"], tmp_path / "p"))
     assert "no-free-block.png" in names
     assert "order9_free_mean.cdf.png" in names
+
+
+def test_two_sweeps_do_not_write_one_directory(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, SPEC)
+    out = tmp_path / "out"
+    with locked(out):
+        r = invoke("sweep", str(spec), "--out", str(out))
+    assert r.exit_code != 0
+    assert f"Error: another gemfs sweep or fleet is writing {out}" in r.output
+
+
+def test_sweep_modules_import_downwards_only() -> None:
+    """tools/ never imports the command line (gemfs.cli, gemfs.cmd_*)."""
+    import ast
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    for name in ("sweep.py", "fleet.py", "sweep_report.py", "bench_sweep.py"):
+        tree = ast.parse((tools / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(("gemfs.cli", "gemfs.cmd_")), (name, node.module)
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith(("gemfs.cli", "gemfs.cmd_")), name

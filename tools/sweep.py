@@ -32,6 +32,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import itertools
@@ -432,6 +433,22 @@ class ResultsTable:
             self.rows.pop(k, None)
         if self.path.exists():
             self._rewrite()
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.lock`` while a sweep writes OUT: two sweeps on one results.csv would each
+    rewrite it under the other (:class:`SweepError` if another holds it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"another gemfs sweep or fleet is writing {out}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -- the engine ------------------------------------------------------------------------------------
