@@ -142,6 +142,7 @@ def test_the_issue_spec_loads_as_written(tmp_path: Path) -> None:
         (SPEC.replace("[0, 50]", "[]"), 5, "non-empty array"),
         (SPEC.replace('"shmem-hook"]', '"shmem"]'), 2, "unknown design"),
         (SPEC.replace("seeds = 1", "seeds = 0"), 3, "seeds must be"),
+        (SPEC.replace('"compactor.proactiveness"', "seed"), 5, "not a grid parameter"),
         (SPEC.replace("tiny.toml", "missing.toml"), 1, "not found"),
         ("bogus = 1\n" + SPEC, 1, "unknown key 'bogus'"),
     ],

@@ -129,6 +129,8 @@ def _num(spec: SpecFile, t: Mapping[str, Any], where: tuple[str | int, ...], key
 
 
 def _draw(spec: SpecFile, path: str, raw: object, where: tuple[str | int, ...]) -> Draw:
+    if path == "seed":
+        raise spec.error(where, "a machine's seed is drawn already (from the spec's seed)")
     if not isinstance(raw, dict):
         return Draw(path=path, dist="const", values=(raw,))
     dist = raw.get("dist")

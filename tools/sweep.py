@@ -657,7 +657,7 @@ def load_workload_data(
         raise spec.error(where, f"workload {raw!r} is not valid TOML: {e}") from None
     except WorkloadError as e:
         raise spec.error(where, f"workload {raw!r} is not valid: {e}") from None
-    return str(raw), text, data
+    return str(path), text, data
 
 
 def metrics_of(spec: SpecFile) -> tuple[str, ...]:
@@ -685,6 +685,8 @@ def load_sweep(path: str | Path) -> Sweep:
     grid: list[tuple[str, tuple[Any, ...]]] = []
     for p, values in grid_raw.items():
         where = ("grid", p)
+        if p == "seed":
+            raise spec.error(where, "seeds are not a grid parameter: give seeds = [1, 2, …]")
         if not isinstance(values, list) or not values:
             raise spec.error(where, f"grid parameter {p!r} must be a non-empty array of values")
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
