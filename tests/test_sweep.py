@@ -496,3 +496,11 @@ def test_sweep_modules_import_downwards_only() -> None:
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not alias.name.startswith(("gemfs.cli", "gemfs.cmd_")), name
+
+
+@pytest.mark.slow
+def test_bench_sweep_prints_the_ratio_and_the_overhead() -> None:
+    r = invoke("bench", "sweep", "--runs", "8", "--workers", "2", "--pool", "16MiB")
+    assert r.exit_code == 0, r.output
+    for words in ("ratio one after another / cluster", "engine overhead per run", "do nothing"):
+        assert words in r.output
