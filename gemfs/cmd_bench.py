@@ -94,6 +94,10 @@ def bench_sweep_cmd(runs: int, workers: int, pool: str, workload: str | None) ->
     click.echo(f"{'one after another, in this process':<46} {b.serial_s:>10.2f} s")
     click.echo(f"{'on the cluster (dask.distributed)':<46} {b.dask_s:>10.2f} s")
     click.echo(f"{'ratio one after another / cluster':<46} {b.speedup:>10.2f} x")
+    click.echo(
+        f"{'baseline: plain process pool, no dask':<46} {b.processes_s:>10.2f} s   "
+        f"ratio {b.serial_s / b.processes_s:.2f} x (what the cores allow)"
+    )
     click.echo(f"{'time a worker spent per run, playing':<46} {1000 * b.play_s / b.runs:>10.0f} ms")
     click.echo(
         f"{'engine overhead per run (workers idle or busy)':<46} {b.overhead_ms:>10.0f} ms"

@@ -10,7 +10,9 @@ end of the sweep).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,10 +29,11 @@ class SweepBench:
     runs: int
     workers: int
     startup_s: float  # the local cluster, until its workers are up
-    serial_s: float  # the runs one after another in this process
+    serial_s: float  # the runs one after another in this process (half before, half after)
     dask_s: float  # the same runs on the cluster
     play_s: float  # time the workers spent in the runs (summed)
     noop_s: float  # as many tasks that do nothing, through the same path
+    processes_s: float  # the same runs on a plain process pool of as many workers (no dask)
 
     @property
     def speedup(self) -> float:
@@ -82,6 +85,13 @@ def bench_sweep(
     workload: Path, pool: str = "32MiB", runs: int = 64, workers: int = 2
 ) -> SweepBench:
     tasks = bench_tasks(workload, pool, runs)
+    # Half the runs one after another before the cluster, half after: the machine's other load
+    # drifts, and both figures should see the same.
+    half = len(tasks) // 2
+    t1 = time.perf_counter()
+    for t in tasks[:half]:
+        timed_run(t)
+    serial = time.perf_counter() - t1
     with tempfile.TemporaryDirectory(prefix="gemfs-bench-sweep-") as tmp:
         t0 = time.perf_counter()
         with dask_client(workers=workers) as client:
@@ -95,10 +105,17 @@ def bench_sweep(
             if out.failed:
                 raise RuntimeError(f"{out.failed} runs failed: {out.errors[:3]}")
             noop_out = execute(tasks, ResultsTable(Path(tmp) / "noop.csv"), client, fn=noop)
-        t1 = time.perf_counter()
-        for t in tasks:
-            timed_run(t)
-        serial = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    for t in tasks[half:]:
+        timed_run(t)
+    serial += time.perf_counter() - t1
+    # The machine's own parallelism, without dask: the same runs on as many plain processes.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as procs:
+        list(procs.map(noop, tasks[:workers]))  # started
+        t2 = time.perf_counter()
+        list(procs.map(timed_run, tasks))
+        processes = time.perf_counter() - t2
     return SweepBench(
         runs=runs,
         workers=workers,
@@ -107,4 +124,5 @@ def bench_sweep(
         dask_s=out.wall_s,
         play_s=sum(played),
         noop_s=noop_out.wall_s,
+        processes_s=processes,
     )
