@@ -2,10 +2,11 @@
 
 The runs are the same in both: a small workload under every design, over as many seeds as make
 ``runs``. Figures: the local cluster's start-up, the wall time of the sweep on the cluster and
-of the runs played one after another in this process, their ratio, and the engine's overhead
-per run, measured two ways: the same path with tasks that do nothing, and in the real sweep
-as (workers × wall time − time spent playing) / runs (which includes workers left idle at the
-end of the sweep).
+of the runs played one after another in this process (half before the cluster, half after, as
+the machine's other load drifts), their ratio, the same runs on a plain process pool of as
+many workers (what the cores allow, without dask), and the engine's overhead per run, measured
+two ways: the same path with tasks that do nothing, and in the real sweep as (workers × wall
+time − time spent playing) / runs (which includes workers left idle at the end).
 """
 
 from __future__ import annotations
