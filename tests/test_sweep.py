@@ -48,6 +48,7 @@ TINY = SMALL.replace('pool = "32MiB"', 'pool = "16MiB"')
 
 
 def write_spec(tmp_path: Path, body: str, workload: str = TINY) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "tiny.toml").write_text(workload, encoding="utf-8")
     spec = tmp_path / "spec.toml"
     spec.write_text(body, encoding="utf-8")
@@ -430,6 +431,17 @@ def test_fleet_draws_the_same_machines_from_the_same_seed(tmp_path: Path) -> Non
         assert 100 <= params["phase.wait.ms"] <= 1000
     more = load_fleet(write_spec(tmp_path, FLEET.replace("machines = 4", "machines = 6")))
     assert more.machines[:4] == f.machines  # adding machines keeps the ones drawn before
+
+
+def test_run_keys_do_not_depend_on_where_the_command_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = write_spec(tmp_path, FLEET)
+    keys = [t.key for t in load_fleet(spec).tasks]
+    sweep_keys = [t.key for t in load_sweep(write_spec(tmp_path / "s", SPEC)).tasks]
+    monkeypatch.chdir(tmp_path)
+    assert [t.key for t in load_fleet("spec.toml").tasks] == keys
+    assert [t.key for t in load_sweep("s/spec.toml").tasks] == sweep_keys
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,8 @@ class Draw:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Mix:
-    workload: str  # as written in the spec
+    name: str  # the workload file as written in the spec
+    workload: str  # the file found
     text: str
     data: dict[str, Any]
     weight: float
@@ -237,6 +238,7 @@ def load_fleet(path: str | Path, first: int | None = None) -> Fleet:
                 (*where, "weight"), f"weight must be a positive number, not {weight!r}"
             )
         mix = Mix(
+            name=str(m["workload"]),
             workload=name,
             text=text,
             data=data,
@@ -264,11 +266,13 @@ def load_fleet(path: str | Path, first: int | None = None) -> Fleet:
             raise spec.error(("mix", mi), f"machine {k} ({drawn}): {e}") from None
         w = dataclasses.replace(w, seed=wseed)
         machines.append(Machine(index=k, mix=mi, seed=wseed, params=params))
-        labels: Params = (("machine", k), ("mix", mix.workload))
+        # The key: the workload's text, not how its path is spelled (resume from anywhere).
+        key_labels: Params = (("machine", k),)
+        labels: Params = (("machine", k), ("mix", mix.name))
         for design in designs:
             tasks.append(
                 RunTask(
-                    key=run_key(text_hash(mix.text), params, design, wseed, labels),
+                    key=run_key(text_hash(mix.text), params, design, wseed, key_labels),
                     design=design,
                     seed=wseed,
                     params=params,
