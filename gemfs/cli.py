@@ -7,6 +7,7 @@ from gemfs.cmd_calibrate import calibrate_cmd
 from gemfs.cmd_mount import mount, umount
 from gemfs.cmd_run import demo, run, top
 from gemfs.cmd_stack import compactor_cmd, driver_cmd, gem, stress_cmd
+from gemfs.cmd_sweep import fleet, sweep
 from gemfs.cmd_trace import record_cmd, replay_cmd
 
 
@@ -36,3 +37,5 @@ main.add_command(demo)
 main.add_command(stress_cmd)
 main.add_command(record_cmd)
 main.add_command(replay_cmd)
+main.add_command(sweep)
+main.add_command(fleet)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @click.group()
@@ -147,3 +152,57 @@ def bench_scale_cmd(sizes: str) -> None:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--sizes") from None
     click.echo(format_scale(rows))
+
+
+@bench.command("sweep")
+@click.option(
+    "--runs",
+    default=64,
+    show_default=True,
+    type=click.IntRange(4),
+    help="Runs in the sweep (every design, seeds in turn).",
+)
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Worker processes of the local dask cluster.",
+)
+@click.option("--pool", default="32MiB", show_default=True, help="Pool of each run.")
+@click.option(
+    "--workload",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Workload of every run (default: examples/compaction-test.toml).",
+)
+def bench_sweep_cmd(runs: int, workers: int, pool: str, workload: str | None) -> None:
+    """A sweep on a local dask cluster against the same runs one after another.
+
+    Example: gemfs bench sweep --runs 64 --workers 2"""
+    from tools.bench_sweep import bench_sweep
+
+    path = Path(workload) if workload else EXAMPLES / "compaction-test.toml"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found (run from a source checkout)")
+    load0 = os.getloadavg()[0]
+    b = bench_sweep(path, pool=pool, runs=runs, workers=workers)
+    load1 = os.getloadavg()[0]
+    click.echo(f"{'runs (every design, seeds in turn)':<46} {b.runs:>10} of {path.name} at {pool}")
+    click.echo(f"{'local cluster start-up':<46} {b.startup_s:>10.2f} s   {b.workers} workers")
+    click.echo(f"{'one after another, in this process':<46} {b.serial_s:>10.2f} s")
+    click.echo(f"{'on the cluster (dask.distributed)':<46} {b.dask_s:>10.2f} s")
+    click.echo(f"{'ratio one after another / cluster':<46} {b.speedup:>10.2f} x")
+    click.echo(
+        f"{'baseline: plain process pool, no dask':<46} {b.processes_s:>10.2f} s   "
+        f"ratio {b.serial_s / b.processes_s:.2f} x (what the cores allow)"
+    )
+    click.echo(f"{'time a worker spent per run, playing':<46} {1000 * b.play_s / b.runs:>10.0f} ms")
+    click.echo(
+        f"{'engine overhead per run (workers idle or busy)':<46} {b.overhead_ms:>10.0f} ms"
+        "   (workers × wall − playing) / runs"
+    )
+    click.echo(f"{'engine time per run, tasks that do nothing':<46} {b.noop_ms:>10.1f} ms")
+    click.echo(
+        f"{'load average, before / after (1 min)':<46} {load0:>10.2f} / {load1:.2f} "
+        f"on {os.cpu_count()} cores"
+    )

@@ -32,7 +32,10 @@ from tools.workload import (
     walk,
 )
 
-EXAMPLE_FILES = sorted(EXAMPLES.glob("*.toml"))
+# Workload files (sweep-*.toml and fleet-*.toml are specs for gemfs sweep / fleet: test_sweep.py)
+EXAMPLE_FILES = sorted(
+    p for p in EXAMPLES.glob("*.toml") if not p.name.startswith(("sweep-", "fleet-"))
+)
 
 
 def line_of(text: str, needle: str) -> int:

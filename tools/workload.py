@@ -949,6 +949,15 @@ def parse_workload(text: str, file: str = "<workload>", pool: int | None = None)
         line = int(m.group(1)) if m else 1
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e)) if m else str(e)
         raise WorkloadError(file, line, f"not valid TOML: {msg}") from None
+    return workload_from_data(data, file, text, pool)
+
+
+def workload_from_data(
+    data: dict[str, object], file: str, text: str = "", pool: int | None = None
+) -> Workload:
+    """Validate already-parsed TOML data (e.g. with a sweep's parameters applied) as a workload;
+    ``text`` is the file's source, for the line numbers of errors; ``pool`` as for
+    :func:`parse_workload`."""
     ctx = _Ctx(file, text)
     top = _Table(ctx, data, (), "workload")
     top.allow(
