@@ -167,13 +167,13 @@ def test_bad_spec_is_one_error_with_file_and_line(
 def test_a_combination_that_does_not_fit_names_the_grid(tmp_path: Path) -> None:
     body = SPEC.replace(
         '"compactor.proactiveness" = [0, 50]',
-        'pool = ["4MiB", "16MiB"]\n"phase.log.size" = ["8MiB"]',
+        'pool = ["4MiB", "16MiB"]\n"phase.log.size" = ["2MiB"]',
     )
     with pytest.raises(SpecError) as info:
         load_sweep(write_spec(tmp_path, body))
     assert info.value.line == 4  # each value fits alone: the [grid] line
-    assert "grid point pool = '4MiB', phase.log.size = '8MiB'" in info.value.message
-    assert "do not fit the pool" in info.value.message
+    assert "grid point pool = '4MiB', phase.log.size = '2MiB'" in info.value.message
+    assert "too small for this workload" in info.value.message
 
 
 def test_the_example_specs_load() -> None:

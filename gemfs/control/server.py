@@ -270,18 +270,29 @@ class ControlServer:
         finally:
             if peer.close_reason.startswith("protocol error"):
                 self.stats["protocol_errors"] += 1
-            self._disconnect(state)
+            written = self._disconnect(state)
             log.info("disconnected: %r (%s)", peer, peer.close_reason)
+            if written:
+                # A driver that died may have had the GPU write its objects without telling
+                # the core (killed between the batch and content_changed): the kernel's cached
+                # pages of those files may be stale. Drop them, as content_changed would have.
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    for obj in written:
+                        await self.kernel.invalidate(obj, 0, obj.nr_pages)
 
-    def _disconnect(self, state: PeerState) -> None:
-        """A peer left (or died): release its pins and ops; its objects stay as plain files."""
+    def _disconnect(self, state: PeerState) -> list[GemObject]:
+        """A peer left (or died): release its pins and ops; its objects stay as plain files.
+        Returns a driver's objects (the GPU may have written them)."""
         self.peers.pop(id(state.peer), None)
         mm = self.mm
         mm.release_owner(state.owner)
+        written: list[GemObject] = []
         for oid in state.owned:
             obj = mm.objects.get(oid)  # type: ignore[call-overload]
             if obj is None:
                 continue
+            if state.peer.role == "driver":
+                written.append(obj)
             if obj.ops is state.owner:
                 obj.ops = None
             if obj.notifier is state.owner:
@@ -293,6 +304,7 @@ class ControlServer:
             if pfn in mm.kernel_pages:
                 mm.free_kernel(pfn)
         state.kernel_allocs.clear()
+        return written
 
     async def _on_notify(self, peer: Peer, note: Notify) -> None:
         log.debug("%r: notify %s ignored", peer, note.op)
