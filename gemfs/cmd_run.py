@@ -316,7 +316,7 @@ def demo(
 
     \b
     Examples:
-      gemfs demo                       # what `make demo` runs (about 100 s)
+      gemfs demo                       # what `make demo` runs (about 65 s)
       gemfs demo --inproc --seeds 1    # the model alone, in a few seconds"""
     path = Path(workload_path) if workload_path else EXAMPLES / "desktop.toml"
     if not path.is_file():
