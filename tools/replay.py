@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from gemfs.mm.buddy import BuddyAllocator
+from gemfs.mm.buddy import BuddyAllocator, largest_aligned_order
 from gemfs.mm.compaction import CompactionPolicy
 from gemfs.mm.core import MemoryManager
 from gemfs.mm.pool import (
@@ -283,9 +283,7 @@ class Replayer:
         for start, length in runs:
             lo, hi = max(start, self.kstart), min(start + length, self.kend)
             while lo < hi:
-                o = min(MAX_ORDER, (hi - lo).bit_length() - 1)
-                if lo:
-                    o = min(o, (lo & -lo).bit_length() - 1)
+                o = largest_aligned_order(lo, hi - lo)
                 out[o] += 1
                 lo += 1 << o
         return out

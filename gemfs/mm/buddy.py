@@ -274,7 +274,7 @@ class BuddyAllocator:
         """Hand out the low ``take`` frames of a block; the rest goes back as aligned blocks."""
         rest, end = pfn + take, pfn + (1 << order)
         while rest < end:
-            o = _largest_aligned_order(rest, end - rest)
+            o = largest_aligned_order(rest, end - rest)
             self._add(rest, o, mt)
             rest += 1 << o
 
@@ -324,7 +324,7 @@ class BuddyAllocator:
         ends = pfns[np.concatenate((breaks - 1, [len(pfns) - 1]))] + 1
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             while s < e:
-                o = _largest_aligned_order(s, e - s)
+                o = largest_aligned_order(s, e - s)
                 self._free_one(s, o)
                 s += 1 << o
 
@@ -375,7 +375,8 @@ class BuddyAllocator:
         return sum(sum(self.nr_free[o]) << (o - order) for o in range(order, NR_ORDERS))
 
 
-def _largest_aligned_order(pfn: int, length: int) -> int:
+def largest_aligned_order(pfn: int, length: int) -> int:
+    """The largest buddy order of a block that starts at ``pfn`` and fits in ``length``."""
     o = min(MAX_ORDER, length.bit_length() - 1)
     if pfn:
         o = min(o, (pfn & -pfn).bit_length() - 1)

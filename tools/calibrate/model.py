@@ -50,9 +50,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from gemfs.mm import MemoryManager, MigrateType, page_alloc
+from gemfs.mm.buddy import largest_aligned_order
 from gemfs.mm.types import (
     MAX_BLOCK_PAGES,
-    MAX_ORDER,
     NR_ORDERS,
     PAGE_SIZE,
     PAGEBLOCK_NR_PAGES,
@@ -126,9 +126,7 @@ def interval_orders(start: int, length: int) -> list[int]:
     out = [0] * NR_ORDERS
     pos, end = start, start + length
     while pos < end:
-        o = min(MAX_ORDER, (end - pos).bit_length() - 1)
-        if pos:
-            o = min(o, (pos & -pos).bit_length() - 1)
+        o = largest_aligned_order(pos, end - pos)
         out[o] += 1
         pos += 1 << o
     return out
