@@ -17,7 +17,6 @@ from gemfs.mm.types import Design
 
 # Their help is another change's (the commands move to the top floor): an example and option
 # help for these come with it. Remove a name from here once its help has them.
-NOT_YET: set[tuple[str, ...]] = set()
 
 
 def commands(
@@ -47,8 +46,6 @@ def test_help_has_an_example_and_every_option_says_what_it_does(
     path: tuple[str, ...], cmd: click.Command
 ) -> None:
     text = show_help(path)
-    if path in NOT_YET:
-        pytest.skip("help text comes with the move of the commands (issue 10, item 14)")
     assert "Example" in text, text
     example = text.split("Example", 1)[1]
     assert "gemfs " in example, text  # a command line to copy, not only prose
