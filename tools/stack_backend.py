@@ -108,8 +108,12 @@ def _connect(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> SyncClient
     while True:
         try:
             return SyncClient(str(sock), name="gemfs-run")
-        except CallError:
-            if proc.poll() is not None or time.monotonic() > deadline:
+        except (CallError, OSError):  # not listening yet, or it died in the handshake
+            if proc.poll() is not None:
+                raise StackError(
+                    f"the driver {_how(proc.returncode)} during the run; log: {log}"
+                ) from None
+            if time.monotonic() > deadline:
                 raise StackError(f"cannot connect to the driver at {sock}; log: {log}") from None
             time.sleep(0.02)
 
