@@ -1,7 +1,7 @@
 """Starting, checking and stopping gemfs servers as processes.
 
 No pyfuse3, no trio, no numpy: the CLI's background mode, the pytest plugin and the benchmarks
-import this, and it must stay cheap. A server started here is ``python -m gemfs.cmd_mount
+import this, and it must stay cheap. A server started here is ``python -m gemfs_cli.cmd_mount
 --foreground --ready-fd N`` (``gemfs mount`` without importing the whole CLI); it writes one
 line to fd N, ``ready`` once the mount serves or ``error: <reason>`` when it cannot mount, then
 closes it.
@@ -91,7 +91,7 @@ def start_server(
     """
     r, w = os.pipe()
     try:
-        cmd = [sys.executable, "-m", "gemfs.cmd_mount", "--foreground", "--ready-fd", str(w)]
+        cmd = [sys.executable, "-m", "gemfs_cli.cmd_mount", "--foreground", "--ready-fd", str(w)]
         proc = subprocess.Popen(
             [*cmd, *args],
             pass_fds=(w,),

@@ -18,7 +18,7 @@ For other scopes (one mount per module, say) use :func:`mount_gemfs` in your own
         with mount_gemfs(tmp_path_factory.mktemp("gemfs") / "mnt") as m:
             yield m
 
-Each mount is a real server process (``python -m gemfs mount --foreground``). Setup returns
+Each mount is a real server process (``python -m gemfs_cli.cmd_mount --foreground``). Setup returns
 once the server reported the mount ready; teardown unmounts (``fusermount3 -u``; SIGTERM, which
 makes the server unmount lazily, when that fails), checks that the server exited with status 0
 and fails the test with the server's log when it did not.

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from gemfs.cli import main
-from gemfs.cmd_calibrate import CALIBRATE_DEFAULTS, parse_memory
 from gemfs.mm.types import Design
+from gemfs_cli.cmd_calibrate import CALIBRATE_DEFAULTS, parse_memory
+from gemfs_cli.main import main
 from tests.workloads import EXAMPLES
 from tools.calibrate.compare import (
     TOLERANCE,
@@ -449,7 +449,7 @@ class FakeGuest:
 
 def test_cli_side_by_side_json_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeGuest()
-    monkeypatch.setattr("gemfs.cmd_calibrate.run_guest", fake)
+    monkeypatch.setattr("gemfs_cli.cmd_calibrate.run_guest", fake)
     out = tmp_path / "cal"
     r = invoke("movable", "mixed", "--out", str(out), "--accel", "tcg")
     assert r.exit_code == 0, r.output
@@ -476,7 +476,7 @@ def test_cli_side_by_side_json_and_plot(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_cli_disagreement_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gemfs.cmd_calibrate.run_guest", FakeGuest(twist="pinned"))
+    monkeypatch.setattr("gemfs_cli.cmd_calibrate.run_guest", FakeGuest(twist="pinned"))
     r = invoke("movable", "pinned")
     assert r.exit_code == 1
     assert "disagree" in r.output
@@ -496,7 +496,7 @@ def test_cli_disagreement_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_cli_guest_failure_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: GuestError
 ) -> None:
-    monkeypatch.setattr("gemfs.cmd_calibrate.run_guest", FakeGuest(error))
+    monkeypatch.setattr("gemfs_cli.cmd_calibrate.run_guest", FakeGuest(error))
     r = invoke("pinned", "--out", str(tmp_path))
     assert r.exit_code == 1
     assert r.output == f"Error: {error}\n"

@@ -9,8 +9,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
 from gemfs.mm.types import Design
+from gemfs_cli.main import main
 from tools.stack_backend import Stack
 
 

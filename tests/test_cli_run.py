@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from gemfs.cli import main
 from gemfs.mm import MemoryManager
 from gemfs.mm.types import Design
+from gemfs_cli.main import main
 from tests.test_report import check_png
 from tests.workloads import EXAMPLES, SMALL, write_small
 from tools.backend import Backend

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from driver.gem import MALI_FLUSH_PAGE_US, DriverPolicy
-from gemfs.cmd_mount import DESIGNS
 from gemfs.mm import MemoryManager
 from gemfs.mm.types import PAGEBLOCK_ORDER, Design, MigrateType
+from gemfs_cli.cmd_mount import DESIGNS
 from tools.inproc_backend import InprocBackend
 from tools.player import Player, RunRecord
 from tools.workload import Workload, parse_workload

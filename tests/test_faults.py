@@ -68,7 +68,7 @@ def _busy(stack: Stack, objs: list[dict[str, Any]], ms: float) -> None:
 
 def _compactor(stack: Stack) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gemfs", "compactor", "--control", str(stack.control), "--once"],
+        [sys.executable, "-m", "gemfs_cli", "compactor", "--control", str(stack.control), "--once"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -313,7 +313,7 @@ def test_sigterm_with_peers_and_io_in_flight(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "gemfs",
+            "gemfs_cli",
             "mount",
             str(mnt),
             "--foreground",
@@ -332,7 +332,7 @@ def test_sigterm_with_peers_and_io_in_flight(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         drv = subprocess.Popen(
-            [sys.executable, "-m", "gemfs", "driver", "--control", str(ctl)],
+            [sys.executable, "-m", "gemfs_cli", "driver", "--control", str(ctl)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

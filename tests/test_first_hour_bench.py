@@ -9,7 +9,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
+from gemfs_cli.main import main
 from tools.bench_io import Figure, IoResult, format_table
 
 pytestmark = [pytest.mark.mount]

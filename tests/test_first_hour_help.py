@@ -12,8 +12,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
 from gemfs.mm.types import Design
+from gemfs_cli.main import main
 
 # Their help is another change's (the commands move to the top floor): an example and option
 # help for these come with it. Remove a name from here once its help has them.

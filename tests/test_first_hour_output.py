@@ -25,8 +25,8 @@ from click.testing import CliRunner
 from matplotlib.figure import Figure
 
 import tools.report
-from gemfs.cli import main
 from gemfs.mm.types import Design
+from gemfs_cli.main import main
 from tests.workloads import BUSY, EXAMPLES
 from tools.inproc_backend import InprocBackend
 from tools.player import RunRecord, play
@@ -43,7 +43,7 @@ def run_in_terminal(args: list[str], columns: int) -> str:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gemfs", *args],
+        [sys.executable, "-m", "gemfs_cli", *args],
         stdout=slave,
         stderr=subprocess.PIPE,
         env=env,

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from gemfs.cli import main
 from gemfs.control.client import SyncClient
 from gemfs.testing import GemfsMount
+from gemfs_cli.main import main
 
 pytestmark = [pytest.mark.mount, pytest.mark.e2e]
 
@@ -169,7 +169,7 @@ def test_run_on_a_mount_with_a_driver_attached_is_one_line(
 ) -> None:
     ctl = tmp_path / "ctl.sock"
     driver = subprocess.Popen(
-        [sys.executable, "-m", "gemfs", "driver", "--control", ctl, "--listen", tmp_path / "d"],
+        [sys.executable, "-m", "gemfs_cli", "driver", "--control", ctl, "--listen", tmp_path / "d"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -206,7 +206,17 @@ def test_driver_killed_under_a_run_is_one_line_naming_its_kept_log(
     long = tmp_path / "long.toml"
     long.write_text(LONG)
     run = subprocess.Popen(
-        [sys.executable, "-m", "gemfs", "run", long, "--mount", hook_mount.path, "--out", tmp_path],
+        [
+            sys.executable,
+            "-m",
+            "gemfs_cli",
+            "run",
+            long,
+            "--mount",
+            hook_mount.path,
+            "--out",
+            tmp_path,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 import tools.workload
-from gemfs.cli import main
 from gemfs.mm.costs import CostTable
+from gemfs_cli.main import main
 from tests.workloads import EXAMPLES
 from tools.workload import _KEYS, KINDS
 

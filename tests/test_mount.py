@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from gemfs import procfs
-from gemfs.cli import main as cli
 from gemfs.mm.types import PAGE_SIZE
 from gemfs.mm.vmstat import parse_buddyinfo, parse_index, parse_pagetypeinfo, parse_vmstat
 from gemfs.mountproc import is_mounted, mount_device
 from gemfs.testing import GemfsMount, mount_gemfs
+from gemfs_cli.main import main as cli
 
 pytestmark = pytest.mark.mount
 
@@ -385,7 +385,7 @@ def test_background_mount_returns_when_ready(tmp_path: Path) -> None:
     mp = tmp_path / "bg"
     mp.mkdir()
     log = tmp_path / "bg.log"
-    cmd = [sys.executable, "-m", "gemfs", "mount", str(mp), "--pool", "4MiB", "--log", str(log)]
+    cmd = [sys.executable, "-m", "gemfs_cli", "mount", str(mp), "--pool", "4MiB", "--log", str(log)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stderr
     try:
@@ -394,7 +394,7 @@ def test_background_mount_returns_when_ready(tmp_path: Path) -> None:
         assert (mp / "f").read_bytes() == b"background"
     finally:
         res = subprocess.run(
-            [sys.executable, "-m", "gemfs", "umount", str(mp)],
+            [sys.executable, "-m", "gemfs_cli", "umount", str(mp)],
             capture_output=True,
             text=True,
             check=False,
@@ -439,7 +439,7 @@ def test_bad_cli_input_gives_one_line(
 
 
 def test_bad_cli_input_in_a_real_process(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "gemfs", "mount", str(tmp_path / "nope"), "--foreground"]
+    cmd = [sys.executable, "-m", "gemfs_cli", "mount", str(tmp_path / "nope"), "--foreground"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
+from gemfs_cli.main import main
 from tools.calibrate.guest import GuestUnavailable
 from tools.record import RecordUnavailable, find_tracefs
 from tools.record_guest import decode_output, init_script, record_guest

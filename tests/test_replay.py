@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
 from gemfs.mm.core import MemoryManager
 from gemfs.mm.pool import PG_FREE
 from gemfs.mm.trace import Tracer
 from gemfs.mm.types import MigrateType
+from gemfs_cli.main import main
 from tools.replay import Replayer, divergence, replay
 from tools.tracefile import TraceFormatError, parse_trace, read_trace
 

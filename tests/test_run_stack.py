@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
 from gemfs.mm.types import Design
+from gemfs_cli.main import main
 from tests.test_report import EXPECTED, PNG_MAGIC, md_tables, nums
 from tests.workloads import BUSY
 

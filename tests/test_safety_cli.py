@@ -43,7 +43,7 @@ def too_big_for_a_model() -> str:
 
 def gemfs(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gemfs", *map(str, args)],
+        [sys.executable, "-m", "gemfs_cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -124,7 +124,7 @@ def test_background_compactor_exits_cleanly_at_umount(tmp_path: Path) -> None:
     ctl = tmp_path / "ctl.sock"
     with mount_gemfs(tmp_path / "mnt", pool="8MiB", control=str(ctl)) as m:
         comp = subprocess.Popen(
-            [sys.executable, "-m", "gemfs", "compactor", "--control", str(ctl)],
+            [sys.executable, "-m", "gemfs_cli", "compactor", "--control", str(ctl)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -156,7 +156,17 @@ def test_second_mount_refuses_a_live_control_socket(
     mp.mkdir(exist_ok=True)
     t = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "gemfs", "mount", str(mp), "--pool", "4MiB", "--control", str(ctl)],
+        [
+            sys.executable,
+            "-m",
+            "gemfs_cli",
+            "mount",
+            str(mp),
+            "--pool",
+            "4MiB",
+            "--control",
+            str(ctl),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

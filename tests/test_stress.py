@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
 from gemfs.mm.types import Design
+from gemfs_cli.main import main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mount]
 

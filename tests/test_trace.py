@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gemfs.cli import main
 from gemfs.fs import GemFS
 from gemfs.mm.core import MemoryManager
 from gemfs.mm.trace import Tracer, hashed_pointer
 from gemfs.mm.types import MigrateMode, MigrateType
+from gemfs_cli.main import main
 from tests.test_fs_unit import create, read_proc, write_proc
 from tools.tracefile import parse_line, parse_trace
 

@@ -89,7 +89,7 @@ def _how(returncode: int) -> str:
 
 
 def _gemfs() -> list[str]:
-    return [sys.executable, "-m", "gemfs"]
+    return [sys.executable, "-m", "gemfs_cli"]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:

@@ -2,13 +2,13 @@
 
 import click
 
-from gemfs.cmd_bench import bench
-from gemfs.cmd_calibrate import calibrate_cmd
-from gemfs.cmd_mount import mount, umount
-from gemfs.cmd_run import demo, run, top
-from gemfs.cmd_stack import compactor_cmd, driver_cmd, gem, stress_cmd
-from gemfs.cmd_sweep import fleet, sweep
-from gemfs.cmd_trace import record_cmd, replay_cmd
+from gemfs_cli.cmd_bench import bench
+from gemfs_cli.cmd_calibrate import calibrate_cmd
+from gemfs_cli.cmd_mount import mount, umount
+from gemfs_cli.cmd_run import demo, run, top
+from gemfs_cli.cmd_stack import compactor_cmd, driver_cmd, gem, stress_cmd
+from gemfs_cli.cmd_sweep import fleet, sweep
+from gemfs_cli.cmd_trace import record_cmd, replay_cmd
 
 
 @click.group()
