@@ -135,7 +135,8 @@ async def _cancel_on_signal(scope: Any) -> None:
     default=-1,
     show_default=True,
     type=click.IntRange(-1, 10),
-    help="Also compact whenever no free block of this order exists (-1: only proactively).",
+    help="Order work at every wake (kcompactd_do_work) while no free block of this order "
+    "exists (-1: only the order a failed hugetlb/kernel allocation leaves, and proactive).",
 )
 @click.option(
     "--proactiveness",

@@ -295,10 +295,13 @@ times = 8
   repeat = 3
   interval_ms = 16.7
 
+  # hugetlb-like requests wake kswapd, whose sleep flushes the skip hints kcompactd's passes
+  # leave (THP faults do not wake it: on this full pool they would find every block skipped).
   [[phase.do]]
   kind = "probe"
   order = 9
   count = 3
+  gfp = "hugetlb"
 """
 
 

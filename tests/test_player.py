@@ -100,6 +100,9 @@ def test_every_phase_kind_keeps_the_model_consistent(design: Design) -> None:
         result = Player(w, backend, design).run()
         backend.mm.check()
         assert not backend._probes, "probes are released at the end"
+        # kcompactd woke on the modelled clock all along (it found nothing to do here: the
+        # kernel counts compact_daemon_wake only for order work)
+        assert backend.schedule.next_wake > result.record.sim_time_s - 0.1
     finally:
         backend.teardown()
     r = result.record
@@ -108,7 +111,6 @@ def test_every_phase_kind_keeps_the_model_consistent(design: Design) -> None:
     assert r.probes["tried"] > 0
     assert r.order9_after >= r.order9_before  # the compact phase
     assert r.sim_time_s >= 0.5  # the wait phase, the GPU intervals
-    assert r.vmstat["compact_daemon_wake"] > 0
     steps = [p.step for p in result.timeline]
     assert steps == list(range(len(steps)))
     assert result.timeline[0].phase == "start"
@@ -172,9 +174,9 @@ class RecordingBackend:
         self.calls.append("free_noise")
         self.inner.free_noise(handle)
 
-    def probe(self, order: int) -> ProbeResult:
+    def probe(self, order: int, gfp: str = "thp") -> ProbeResult:
         self.calls.append("probe")
-        return self.inner.probe(order)
+        return self.inner.probe(order, gfp)
 
     def release_probes(self) -> None:
         self.calls.append("release_probes")

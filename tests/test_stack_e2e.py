@@ -140,4 +140,4 @@ def test_proactiveness_knob_drives_the_compactor_process() -> None:
             time.sleep(0.1)
         vm = stack.core.call("stats")["vmstat"]
         assert vm["proactive_compact_trigger"] >= 1
-        assert vm["compact_daemon_wake"] >= 1
+        assert vm["compact_daemon_migrate_scanned"] >= 1  # its passes, counted as the kernel does

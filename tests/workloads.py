@@ -161,10 +161,15 @@ times = 4
   kind = "gpu"
   tag = "buf"
   fraction = 0.4
-  duration_ms = 8
+  duration_ms = 40
   access = "write"
   repeat = 4
   interval_ms = 16
+
+  # The last batches still run: compact_memory waits for them (and kcompactd's passes and
+  # the probes' direct compaction meet them).
+  [[phase.do]]
+  kind = "compact"
 
   [[phase.do]]
   kind = "probe"

@@ -98,8 +98,9 @@ class Backend(Protocol):
         """Free a noise allocation."""
         ...
 
-    def probe(self, order: int) -> ProbeResult:
+    def probe(self, order: int, gfp: str = "thp") -> ProbeResult:
         """A high-order allocation with direct compaction; the block is kept until released.
+        ``gfp``: whose slow-path rules (gemfs.mm.page_alloc.AllocKind: thp, hugetlb, kernel).
 
         Returns whether it succeeded, the modelled latency the allocating task saw, and
         whether it took a direct compaction to succeed."""

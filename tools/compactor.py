@@ -22,7 +22,7 @@ import trio
 from gemfs.control import arrays
 from gemfs.control.peer import CallError, Peer, connect
 from gemfs.control.protocol import Call
-from gemfs.mm.compaction import CompactionPolicy, CompactResult
+from gemfs.mm.compaction import CompactionPolicy, CompactResult, ZoneCompactState
 from gemfs.mm.kcompactd import Kcompactd
 from gemfs.mm.pool import PG_ALLOC, PG_FREE, PG_OBJECT
 from gemfs.mm.types import MigrateMode
@@ -84,11 +84,20 @@ async def compact_remote(
     proactiveness. ``now``: this task's modelled start time (default: the core's clock); each
     batch's costs move it on, as they would move a kcompactd thread's time.
     """
-    snap = SnapshotView.from_reply(await core.call("snapshot", {}))
-    if policy is None:
+    reply = await core.call("snapshot", {})
+    snap = SnapshotView.from_reply(reply)
+    if policy is None:  # compact_memory's kind: skip hints ignored (and set)
         policy = CompactionPolicy(
-            len(snap.pageblock_mt), order=order, mode=mode, proactiveness=proactiveness
+            len(snap.pageblock_mt),
+            order=order,
+            mode=mode,
+            proactiveness=proactiveness,
+            ignore_skip_hint=True,
         )
+    if policy.state is None and isinstance(reply.get("compact_state"), dict):
+        # The pass sets skip bits and moves the cached scanners in a copy of the zone's
+        # state; the core takes what it left at the end.
+        policy.state = ZoneCompactState.imported(len(snap.pageblock_mt), reply["compact_state"])
     t = float((await core.call("clock", {}))["now"]) if now is None else now
     sent = 0  # pages scanned and already charged to this task through a migrate call
     while (batch := policy.next_batch(snap)) is not None:
@@ -125,16 +134,16 @@ async def compact_remote(
         stats.migrate_scanned += s.migrate_scanned
         stats.free_scanned += s.free_scanned
         stats.results.append(policy.result.value)
-    await core.call(
-        "report",
-        {
-            "counters": {
-                "compact_migrate_scanned": s.migrate_scanned,
-                "compact_free_scanned": s.free_scanned,
-            },
-            "scanned": s.migrate_scanned + s.free_scanned - sent,
+    report: dict[str, Any] = {
+        "counters": {
+            "compact_migrate_scanned": s.migrate_scanned,
+            "compact_free_scanned": s.free_scanned,
         },
-    )
+        "scanned": s.migrate_scanned + s.free_scanned - sent,
+    }
+    if policy.state is not None:
+        report["compact_state"] = policy.state.export()
+    await core.call("report", report)
     return policy.result
 
 
@@ -152,7 +161,14 @@ async def kcompactd_wake(
         if counters:
             await core.call("report", {"counters": counters})
 
-    for policy in kc.wake(lambda: free, p):
+    # Order work (kswapd's pending order, or --order) runs in the core, in the zone's state.
+    work: dict[str, Any] = {"order": kc.order}
+    if now is not None:
+        work["now"] = now
+    worked = bool((await core.call("kcompactd_work", work))["worked"])
+    if worked:
+        free[:] = list((await core.call("fragmentation", {}))["free"])
+    for policy in kc.wake(lambda: free, p, worked=worked):
         await flush()
         await compact_remote(core, policy=policy, stats=stats, now=now)
         free[:] = list((await core.call("fragmentation", {}))["free"])

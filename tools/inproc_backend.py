@@ -19,6 +19,7 @@ from driver.inproc import InprocDriver
 from gemfs.mm import GemObject, MemoryManager, OutOfMemory
 from gemfs.mm.costs import CostTable
 from gemfs.mm.kcompactd import Kcompactd, WakeSchedule
+from gemfs.mm.page_alloc import drive, kcompactd_wake
 from gemfs.mm.pool import I64
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
 from tools.backend import GpuSample, Handle, ProbeResult, Sample
@@ -105,10 +106,10 @@ class InprocBackend:
     def free_noise(self, handle: Handle) -> None:
         self.mm.free_kernel(self._noise.pop(handle))
 
-    def probe(self, order: int) -> ProbeResult:
+    def probe(self, order: int, gfp: str = "thp") -> ProbeResult:
         a = self.mm.allocs
         compacted = a.compacted
-        pfn = self.mm.allocate_huge(order, MigrateType.MOVABLE)
+        pfn = self.mm.allocate_huge(order, MigrateType.MOVABLE, kind=gfp)
         latency = a.last_latency_us
         if pfn is None:
             return False, latency, False
@@ -129,9 +130,11 @@ class InprocBackend:
         end = self.clock.now + max(0.0, seconds)
         for at in self.schedule.due(self.clock.now, end):
             self.clock.advance_to(at)
+            worked = drive(mm, kcompactd_wake(mm, self.kcompactd.order)) is not None
             for policy in self.kcompactd.wake(
-                mm.free_blocks_per_order, mm.compaction_proactiveness
+                mm.free_blocks_per_order, mm.compaction_proactiveness, worked=worked
             ):
+                policy.state = mm.compact_state
                 mm.run_policy(policy)
             for k, v in self.kcompactd.take_counters().items():
                 mm.vmstat.inc(k, v)

@@ -376,7 +376,7 @@ class Player:
                     for _ in range(want):
                         self.probes_tried += 1
                         tried += 1
-                        ok, latency_us, compacted = self.b.probe(phase.order)
+                        ok, latency_us, compacted = self.b.probe(phase.order, phase.gfp)
                         if not drain:
                             self.alloc_latency.add(latency_us)
                             counts, sketch = self.by_order.setdefault(

@@ -487,8 +487,8 @@ class StackBackend:
     def free_noise(self, handle: Handle) -> None:
         self._core("free", {"pfn": self._noise.pop(handle)})
 
-    def probe(self, order: int) -> ProbeResult:
-        r = self._core("alloc", {"order": order, "mt": "movable", "compact": True})
+    def probe(self, order: int, gfp: str = "thp") -> ProbeResult:
+        r = self._core("alloc", {"order": order, "mt": "movable", "compact": True, "kind": gfp})
         pfn = int(r["pfn"])
         if pfn < 0:
             return False, float(r["latency_us"]), False

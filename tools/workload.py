@@ -103,6 +103,7 @@ import numpy.typing as npt
 from driver.gem import DriverPolicy
 from gemfs.mm.contig import MAX_CONTIG_ORDER
 from gemfs.mm.costs import CostTable
+from gemfs.mm.page_alloc import AllocKind
 from gemfs.mm.pool import check_pool_size
 from gemfs.mm.types import MAX_ORDER, PAGE_SIZE, MigrateType, format_size, parse_size
 
@@ -291,6 +292,7 @@ class Probe:
     repeat: int = 1
     interval_s: float = 0.0
     hold: bool = False
+    gfp: str = "thp"  # the slow path's rules: thp (a THP fault), hugetlb, kernel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -624,6 +626,7 @@ class _Table:
 
 
 # -- the schema --------------------------------------------------------------------------------
+GFP_KINDS = tuple(k.value for k in AllocKind)
 KINDS = ("create", "page-cache", "gpu", "free", "noise", "probe", "compact", "wait", "repeat")
 _DISTS = ("fixed", "uniform", "lognormal", "mesa", "choice")
 
@@ -792,7 +795,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "gpu": ("tag", "fraction", "count", "duration_ms", "access", "repeat", "interval_ms"),
     "free": ("tag", "every", "offset", "fraction", "count", "all"),
     "noise": ("tag", "type", "order", "count", "pages"),
-    "probe": ("order", "size", "count", "repeat", "interval_ms", "hold"),
+    "probe": ("order", "size", "count", "repeat", "interval_ms", "hold", "gfp"),
     "compact": (),
     "wait": ("ms",),
     "repeat": ("times", "do"),
@@ -918,6 +921,7 @@ def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Pha
                 repeat=t.int_("repeat", 1, lo=1, hi=1_000_000),
                 interval_s=t.float_("interval_ms", 0.0, lo=0.0, hi=3_600_000.0) / 1000,
                 hold=t.bool_("hold", False),
+                gfp=t.choice("gfp", GFP_KINDS, "thp"),
             )
         case "compact":
             return Compact(name=name)

@@ -29,12 +29,13 @@ from gemfs.control.arrays import pack_i32, pack_i64
 from gemfs.control.peer import CallError, Credentials, Peer, server_handshake
 from gemfs.control.protocol import Call, Error, Hello, Notify, ProtocolError, errno_name
 from gemfs.mm import CompactResult, GemObject, MemoryManager, MigrateMode
+from gemfs.mm.compaction import ZoneCompactState
 from gemfs.mm.contig import MAX_CONTIG_ORDER, ContigPolicy
 from gemfs.mm.core import MigrateOutcome, ObjectError, Policy
 from gemfs.mm.costs import CostTable, Task
 from gemfs.mm.kcompactd import WakeSchedule
 from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migration
-from gemfs.mm.page_alloc import alloc_pages_slowpath
+from gemfs.mm.page_alloc import AllocKind, alloc_pages_slowpath, kcompactd_wake
 from gemfs.mm.pool import I64
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
 from gemfs.mm.vmstat import VMSTAT_COUNTERS
@@ -451,6 +452,7 @@ class ControlServer:
                 hopeless = mm.hopeless_pageblocks()
                 if hopeless is not None:  # illuminator: blocks compaction passes over
                     snap["hopeless"] = hopeless.astype(np.uint8).tobytes()
+                snap["compact_state"] = mm.compact_state.export()  # a pass's skip bits, scanners
                 return snap
             case "migrate" if role in ("compactor", "client"):
                 src = _pfns(args, "src", 1 << 16)
@@ -501,7 +503,31 @@ class ControlServer:
                 scanned = args.get("scanned", 0)  # the compactor's scanners: charged as scanning
                 if isinstance(scanned, int) and scanned > 0:
                     mm.charge_scan_pages(scanned)
+                if (left := args.get("compact_state")) is not None:  # what its pass left
+                    if not isinstance(left, dict):
+                        raise _err(errno.EINVAL, "compact_state must be a map")
+                    try:
+                        st = ZoneCompactState.imported(mm.pool.nr_pageblocks, left)
+                    except ValueError as e:
+                        raise _err(errno.EINVAL, str(e)) from None
+                    mm.compact_state.absorb(st)
                 return 0
+            case "kcompactd_work" if role == "compactor":
+                # kcompactd's order work at a wake-up, in the zone's own compaction state.
+                order = _int(args, "order", -1, MAX_ORDER) if "order" in args else -1
+                now = args.get("now")
+                if now is not None and not isinstance(now, int | float):
+                    raise _err(errno.EINVAL, "now must be a number")
+                task = Task(mm.clock.now if now is None else float(now))
+                work = kcompactd_wake(mm, order)
+                status: CompactResult | None
+                try:
+                    policy = next(work)
+                    while True:
+                        policy = work.send(await self.run_policy(policy, task))
+                except StopIteration as done:
+                    status = done.value
+                return {"worked": status is not None, "result": status and status.value}
             case "clock":
                 return {"now": mm.clock.now}
             case "costs" if role == "client":  # a workload's [costs] table
@@ -536,8 +562,12 @@ class ControlServer:
                     raise _err(errno.EINVAL, str(e)) from None
                 latency = 0.0
                 compacted = False
+                try:
+                    kind = AllocKind.parse(str(args.get("kind", "thp")))
+                except ValueError as e:
+                    raise _err(errno.EINVAL, str(e)) from None
                 if args.get("compact"):
-                    pfn, latency, compacted = await self.allocate_huge(order, mt)
+                    pfn, latency, compacted = await self.allocate_huge(order, mt, kind)
                 else:
                     try:
                         pfn = mm.alloc_kernel(order, mt)
@@ -754,7 +784,9 @@ class ControlServer:
             pfn: int | None = done.value
             return pfn
 
-    async def allocate_huge(self, order: int, mt: MigrateType) -> tuple[int | None, float, bool]:
+    async def allocate_huge(
+        self, order: int, mt: MigrateType, kind: AllocKind = AllocKind.THP
+    ) -> tuple[int | None, float, bool]:
         """A high-order allocation as a task sees it: (pfn or None, modelled µs, compacted)."""
         mm = self.mm
         task = Task(mm.clock.now)
@@ -768,7 +800,7 @@ class ControlServer:
                 pfn = mm.alloc_contig(policy, await self.run_policy(policy, task))
                 moved = policy.stats.migrated > 0
             else:
-                pfn = await self.alloc_high_order(order, mt, task)
+                pfn = await self.alloc_high_order(order, mt, task, kind=kind)
         finally:
             latency = mm.end_alloc(task, pfn, stalls, moved)
         return pfn, latency, mm.allocs.compacted > compacted

@@ -133,6 +133,63 @@ class ZoneCompactState:
         self.order_failed = 0  # compact_order_failed
         self.resets = 0  # times __reset_isolation_suitable cleared the hints
         self.scanner_sees_pins = False
+        self.kcompactd_max_order = 0  # pgdat->kcompactd_max_order: order work kswapd left
+
+    # -- a pass run elsewhere (the compactor process) ----------------------------------------
+    _PASS_FIELDS = (
+        "cached_migrate_block",
+        "cached_free_block",
+        "init_migrate_block",
+        "init_free_block",
+        "blockskip_flush",
+        "considered",
+        "defer_shift",
+        "order_failed",
+        "resets",
+        "scanner_sees_pins",
+    )
+
+    def export(self) -> dict[str, Any]:
+        """Everything a pass reads and writes, for a pass run in another process."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in self._PASS_FIELDS}
+        out["cached_migrate_block"] = list(self.cached_migrate_block)
+        out["skip"] = np.packbits(self.skip).tobytes()
+        return out
+
+    @classmethod
+    def imported(cls, nr_pageblocks: int, data: dict[str, Any]) -> ZoneCompactState:
+        """The state :meth:`export` sent; ValueError when it does not fit ``nr_pageblocks``."""
+        st = cls(nr_pageblocks)
+        try:
+            raw = np.frombuffer(data["skip"], dtype=np.uint8)
+            if len(raw) != (nr_pageblocks + 7) // 8:
+                raise ValueError("skip bits of the wrong length")
+            st.skip = np.unpackbits(raw)[:nr_pageblocks].astype(np.bool_)
+            cm = [int(x) for x in data["cached_migrate_block"]]
+            if len(cm) != 2:
+                raise ValueError("cached_migrate_block needs two positions")
+            st.cached_migrate_block = cm
+            for k in cls._PASS_FIELDS[1:]:
+                v = data[k]
+                if not isinstance(v, bool | int):
+                    raise ValueError(f"{k} is not a number")
+                setattr(st, k, type(getattr(st, k))(v))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"bad compaction state: {e}") from None
+        return st
+
+    def absorb(self, other: ZoneCompactState) -> None:
+        """Take what a pass run on ``other`` (an :meth:`imported` copy) left: skip bits, cached
+        and initial scanner positions, the flush flag. The deferral stays: only this zone's own
+        callers (direct compaction, kcompactd's order work) change it."""
+        if other.nr_pageblocks != self.nr_pageblocks:
+            raise ValueError("the state is of another zone")
+        self.skip = other.skip.copy()
+        self.cached_migrate_block = list(other.cached_migrate_block)
+        for k in ("cached_free_block", "init_migrate_block", "init_free_block"):
+            setattr(self, k, getattr(other, k))
+        self.blockskip_flush = other.blockskip_flush
+        self.resets = other.resets
 
     # -- deferral (defer_compaction, compaction_deferred, compaction_defer_reset) -------------
     def defer_compaction(self, order: int) -> None:
@@ -252,6 +309,7 @@ class ZoneCompactState:
             "compact_order_failed": self.order_failed,
             "pageblocks_skip": int(np.count_nonzero(self.skip)),
             "skip_resets": self.resets,
+            "kcompactd_max_order": self.kcompactd_max_order,
         }
 
     def format(self) -> str:

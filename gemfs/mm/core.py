@@ -361,13 +361,15 @@ class MemoryManager:
 
     def kswapd_shrink(self) -> int:
         """Memory pressure without a failure: below the low watermark kswapd wakes and
-        reclaims up to the high one; the model's only reclaimable memory is the shrinkers'."""
-        if self.ttm is None:
-            return 0
+        reclaims up to the high one (the model's only reclaimable memory is the shrinkers'),
+        then goes back to sleep: kswapd_try_to_sleep() flushes the skip hints if a direct
+        compaction's scanners met since (reset_isolation_suitable)."""
         free, wm = self.buddy.free_pages, self.watermarks
         if free >= wm.low:
             return 0
-        return self.shrink_slab(wm.high - free)
+        freed = self.shrink_slab(wm.high - free)
+        self.compact_state.reset_isolation_suitable(self)
+        return freed
 
     def shrink_slab(self, nr_pages: int) -> int:
         """Reclaim's call to the shrinkers (shrink_slab()): ask them to free at least
@@ -920,8 +922,11 @@ class MemoryManager:
         self.clock.advance_to(task.t + self.costs.alloc_fast_us / 1e6)
         return us
 
-    def allocate_huge(self, order: int, mt: MigrateType = MigrateType.MOVABLE) -> int | None:
-        """A high-order allocation as a task sees it (a THP fault, a probe): timed, counted."""
+    def allocate_huge(
+        self, order: int, mt: MigrateType = MigrateType.MOVABLE, *, kind: str = "thp"
+    ) -> int | None:
+        """A high-order allocation as a task sees it (a THP fault, a probe): timed, counted.
+        ``kind``: the slow path's rules (gemfs.mm.page_alloc.AllocKind)."""
         task = self.begin_alloc()
         stalls = self.vmstat["compact_stall"]
         pfn: int | None = None
@@ -932,7 +937,7 @@ class MemoryManager:
                 pfn = self.alloc_contig(policy, self.run_policy(policy, task))
                 moved = policy.stats.migrated > 0
             else:
-                pfn = self.alloc_high_order(order, mt)
+                pfn = self.alloc_high_order(order, mt, kind=kind)
         finally:
             self.end_alloc(task, pfn, stalls, moved)
         return pfn

@@ -1,23 +1,28 @@
 """kcompactd's rules, once, for both backends: when it wakes and what it compacts.
 
-:class:`WakeSchedule` says when kcompactd wakes on the modelled clock (every ``interval_s``;
-after a long jump of the clock it wakes once and goes on from there). :class:`Kcompactd`
-decides at each wake what to run, as a generator of :class:`CompactionPolicy` objects that the
-caller executes through its mechanism (in process: the model; the compactor process: the
-control socket) before asking for the next:
+:class:`WakeSchedule` says when kcompactd wakes on the modelled clock (every ``interval_s``, the
+kernel's HPAGE_FRAG_CHECK_INTERVAL_MSEC is 500 ms; after a long jump of the clock it wakes once
+and goes on from there). At each wake-up, as kcompactd() in mm/compaction.c does:
 
-- ``order`` >= 0 (kswapd's kind of wake-up, ``wakeup_kcompactd``): when no free block of that
-  order exists, compact for it (SYNC_LIGHT); a pass that does not produce one defers the next
-  1, 2, 4 ... 32 wakes of this kind.
-- Proactive compaction (``compaction_proactiveness``, Linux 5.9): when the fragmentation score
-  is above the high watermark, compact (SYNC_LIGHT) down to the low one; a pass that does not
-  lower the score defers the next 1, 2, 4 ... 32 wakes (kcompactd's ``proactive_defer``).
-
+- **Order work first** (``kcompactd_work_requested``): an order kswapd left pending after a
+  failed high-order allocation that may wake it (hugetlb, GFP_KERNEL; not a THP fault), or the
+  order a compactor asks for at every wake. It runs in the zone's own state —
+  :func:`gemfs.mm.page_alloc.kcompactd_wake`: kswapd's sleep flushes the skip hints, then
+  kcompactd_do_work() (SYNC_LIGHT, skip hints and cached scanners honoured, the zone's deferral).
+  A wake-up that did order work does nothing else and forgets the proactive deferral
+  (``timeout = default_timeout; continue``).
+- Otherwise **proactive compaction** (``compaction_proactiveness``, Linux 5.9;
+  proactive_compact_node()): when the fragmentation score is above the high watermark, compact
+  (SYNC_LIGHT, whole zone, skip hints ignored but set, as compact_node() does) down to the low
+  one; a pass that does not lower the score makes kcompactd sleep 64 intervals
+  (``default_timeout << COMPACT_MAX_DEFER_SHIFT``): the next 63 wake-ups do nothing proactive.
 - ``reserve`` > 0 (vm.defrag_mode, 6.15: kswapd and kcompactd keep the high watermark in whole
   free pageblocks): when fewer free pageblocks exist, compact for pageblock order until that
-  many do (SYNC_LIGHT); deferred like the ``order`` wake.
+  many do (SYNC_LIGHT); a pass that gains nothing defers the next 1, 2, 4 ... 32 such wakes.
 
-Counters go to :attr:`Kcompactd.counters` (vmstat names) for the caller to add to the pool's.
+:meth:`Kcompactd.wake` yields the passes (:class:`CompactionPolicy`, without a zone state: the
+caller attaches the zone's, or a copy of it in the compactor process) for the caller to run
+through its mechanism; counters go to :attr:`Kcompactd.counters` (vmstat names).
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from gemfs.mm.compaction import CompactionPolicy
+from gemfs.mm.compaction import COMPACT_MAX_DEFER_SHIFT, CompactionPolicy
 from gemfs.mm.types import NR_ORDERS, PAGEBLOCK_ORDER, MigrateMode
 from gemfs.mm.vmstat import fragmentation_score, proactive_watermarks
 
-MAX_DEFER = 32  # wakes to skip at most after a pass that made no progress
+MAX_DEFER = 32  # reserve wakes to skip at most after a pass that made no progress
+PROACTIVE_DEFER = (1 << COMPACT_MAX_DEFER_SHIFT) - 1  # wakes skipped: timeout << 6
 
 FreeBlocks = Callable[[], list[int]]  # free blocks per order, now
 
@@ -61,19 +67,12 @@ def _units(free: list[int], order: int) -> int:
     return sum(free[o] << (o - order) for o in range(order, NR_ORDERS))
 
 
-def _has_block(free: list[int], order: int) -> bool:
-    return any(free[o] for o in range(order, NR_ORDERS))
-
-
 @dataclass
 class Kcompactd:
     nr_pageblocks: int
-    order: int = -1
+    order: int = -1  # order work at every wake (a compactor's --order); -1: only kswapd's
     counters: dict[str, int] = field(default_factory=dict)
-    defer: int = 0
-    backoff: int = 1
-    order_defer: int = 0
-    order_backoff: int = 1
+    defer: int = 0  # proactive wake-ups still to skip
     reserve: int = 0  # defrag_mode: free pageblocks to keep (0: off)
     reserve_defer: int = 0
     reserve_backoff: int = 1
@@ -85,23 +84,11 @@ class Kcompactd:
         out, self.counters = self.counters, {}
         return out
 
-    def wake(self, free_blocks: FreeBlocks, proactiveness: int) -> Iterator[CompactionPolicy]:
-        """One wake-up: yields each pass to run; the caller runs it before resuming."""
-        self._inc("compact_daemon_wake")
-        if self.order >= 0 and not _has_block(free_blocks(), self.order):
-            if self.order_defer:
-                self.order_defer -= 1
-            else:
-                policy = CompactionPolicy(
-                    self.nr_pageblocks, order=self.order, mode=MigrateMode.SYNC_LIGHT
-                )
-                yield policy
-                self._daemon_scanned(policy)
-                if _has_block(free_blocks(), self.order):
-                    self.order_backoff = 1
-                else:
-                    self.order_defer = self.order_backoff
-                    self.order_backoff = min(self.order_backoff * 2, MAX_DEFER)
+    def wake(
+        self, free_blocks: FreeBlocks, proactiveness: int, *, worked: bool = False
+    ) -> Iterator[CompactionPolicy]:
+        """One wake-up after its order work (``worked``: some was done, see the module doc):
+        yields each pass to run; the caller runs it before resuming."""
         if self.reserve and _units(free_blocks(), PAGEBLOCK_ORDER) < self.reserve:
             if self.reserve_defer:
                 self.reserve_defer -= 1
@@ -113,6 +100,7 @@ class Kcompactd:
                     order=PAGEBLOCK_ORDER,
                     mode=MigrateMode.SYNC_LIGHT,
                     target_blocks=self.reserve,
+                    ignore_skip_hint=True,
                 )
                 yield policy
                 self._daemon_scanned(policy)
@@ -121,6 +109,9 @@ class Kcompactd:
                 else:
                     self.reserve_defer = self.reserve_backoff
                     self.reserve_backoff = min(self.reserve_backoff * 2, MAX_DEFER)
+        if worked:
+            self.defer = 0
+            return
         if self.defer:
             self.defer -= 1
             return
@@ -129,19 +120,18 @@ class Kcompactd:
         before = fragmentation_score(free_blocks())
         _low, high = proactive_watermarks(proactiveness)
         if before <= high:
-            self.backoff = 1
             return
         self._inc("proactive_compact_trigger")
         policy = CompactionPolicy(
-            self.nr_pageblocks, mode=MigrateMode.SYNC_LIGHT, proactiveness=proactiveness
+            self.nr_pageblocks,
+            mode=MigrateMode.SYNC_LIGHT,
+            proactiveness=proactiveness,
+            ignore_skip_hint=True,
         )
         yield policy
         self._daemon_scanned(policy)
-        if fragmentation_score(free_blocks()) >= before:  # no progress: don't hammer owners
-            self.defer = self.backoff
-            self.backoff = min(self.backoff * 2, MAX_DEFER)
-        else:
-            self.backoff = 1
+        if fragmentation_score(free_blocks()) >= before:  # no progress: sleep 64 intervals
+            self.defer = PROACTIVE_DEFER
 
     def _daemon_scanned(self, policy: CompactionPolicy) -> None:
         self._inc("compact_daemon_migrate_scanned", policy.stats.migrate_scanned)

@@ -97,11 +97,13 @@ class Gfp:
 
     noretry: bool = False  # __GFP_NORETRY
     retry_mayfail: bool = False  # __GFP_RETRY_MAYFAIL
+    kswapd: bool = True  # __GFP_KSWAPD_RECLAIM: the slow path wakes kswapd (and so kcompactd)
 
 
 GFP = {
-    AllocKind.THP: Gfp(noretry=True),
-    AllocKind.HUGETLB: Gfp(retry_mayfail=True),
+    # GFP_TRANSHUGE (defrag "always" or a madvised range) has no __GFP_KSWAPD_RECLAIM.
+    AllocKind.THP: Gfp(noretry=True, kswapd=False),
+    AllocKind.HUGETLB: Gfp(retry_mayfail=True),  # htlb_alloc_mask: GFP_HIGHUSER_MOVABLE
     AllocKind.KERNEL: Gfp(),
 }
 
@@ -298,6 +300,8 @@ def _slowpath(
     pfn = _try_alloc(mm, order, mt)
     if pfn is not None or order == 0:
         return pfn
+    if gfp.kswapd:
+        wake_all_kswapds(mm, order)
     costly = order > PAGE_ALLOC_COSTLY_ORDER
     prio: int = DEF_COMPACT_PRIORITY
     if costly or mt != MigrateType.MOVABLE:
@@ -361,35 +365,50 @@ def drive(mm: MemoryManager, slow: Generator[CompactionPolicy, CompactResult, R]
         return value
 
 
+def wake_all_kswapds(mm: MemoryManager, order: int) -> None:
+    """wake_all_kswapds() on the slow path's entry: kswapd is woken for ``order``. The pool has
+    nothing for kswapd to reclaim beyond its shrinkers, so it goes back to sleep at once and
+    wakes kcompactd for the order (kswapd_try_to_sleep → wakeup_kcompactd): the order is kept
+    as pending work (``pgdat->kcompactd_max_order``) that kcompactd's next wake-up takes
+    (:func:`kcompactd_wake`), after kswapd's sleep has flushed the skip hints."""
+    st = mm.compact_state
+    st.kcompactd_max_order = max(st.kcompactd_max_order, order)
+
+
 def kcompactd_do_work(mm: MemoryManager, order: int) -> Compacting:
-    """kcompactd_do_work() for one order: SYNC_LIGHT, skip hints honoured, deferral applies;
-    compact_daemon_* counted. SKIPPED/DEFERRED/SUCCESS without a pass when there is nothing
-    to do."""
+    """kcompactd_do_work() for one order: SYNC_LIGHT, skip hints honoured, the cached scanners
+    used, the zone's deferral applies; compact_daemon_wake and compact_daemon_*_scanned counted.
+    SKIPPED/DEFERRED/SUCCESS without a pass when there is nothing to do. The pending order is
+    cleared when it is no higher than the one done."""
     st = mm.compact_state
     mm.vmstat.inc("compact_daemon_wake")
-    if st.compaction_deferred(order):
-        return CompactResult.DEFERRED
-    if zone_watermark_ok(mm, order, watermarks(mm.pool.nr_pages).min):
-        return CompactResult.SUCCESS
-    if not compaction_suitable(mm, order):
-        return CompactResult.SKIPPED
-    policy = CompactionPolicy(
-        mm.pool.nr_pageblocks,
-        order=order,
-        mode=MigrateMode.SYNC_LIGHT,
-        state=st,
-        whole_zone=False,
-        buddy=mm.buddy,
-        pins=mm.pool.pin if st.scanner_sees_pins else None,
-    )
-    status = yield policy
-    if status is CompactResult.SUCCESS:
-        st.compaction_defer_reset(order, False)
-    elif status in (CompactResult.COMPLETE, CompactResult.PARTIAL_SKIPPED):
-        st.defer_compaction(order)
-    mm.vmstat.inc("compact_daemon_migrate_scanned", policy.stats.migrate_scanned)
-    mm.vmstat.inc("compact_daemon_free_scanned", policy.stats.free_scanned)
-    return status
+    try:
+        if st.compaction_deferred(order):
+            return CompactResult.DEFERRED
+        if zone_watermark_ok(mm, order, watermarks(mm.pool.nr_pages).min):
+            return CompactResult.SUCCESS
+        if not compaction_suitable(mm, order):
+            return CompactResult.SKIPPED
+        policy = CompactionPolicy(
+            mm.pool.nr_pageblocks,
+            order=order,
+            mode=MigrateMode.SYNC_LIGHT,
+            state=st,
+            whole_zone=False,
+            buddy=mm.buddy,
+            pins=mm.pool.pin if st.scanner_sees_pins else None,
+        )
+        status = yield policy
+        if status is CompactResult.SUCCESS:
+            st.compaction_defer_reset(order, False)
+        elif status in (CompactResult.COMPLETE, CompactResult.PARTIAL_SKIPPED):
+            st.defer_compaction(order)
+        mm.vmstat.inc("compact_daemon_migrate_scanned", policy.stats.migrate_scanned)
+        mm.vmstat.inc("compact_daemon_free_scanned", policy.stats.free_scanned)
+        return status
+    finally:
+        if st.kcompactd_max_order <= order:
+            st.kcompactd_max_order = 0
 
 
 def kswapd_sleep(mm: MemoryManager, order: int) -> Compacting:
@@ -400,6 +419,35 @@ def kswapd_sleep(mm: MemoryManager, order: int) -> Compacting:
     return (yield from kcompactd_do_work(mm, order))
 
 
+def kcompactd_node_suitable(mm: MemoryManager, order: int) -> bool:
+    """kcompactd_node_suitable(): the allocation cannot succeed yet and compaction can help."""
+    ok = zone_watermark_ok(mm, order, watermarks(mm.pool.nr_pages).min)
+    return not ok and compaction_suitable(mm, order)
+
+
+def kcompactd_wake(
+    mm: MemoryManager, order: int = -1
+) -> Generator[CompactionPolicy, CompactResult, CompactResult | None]:
+    """One scheduled wake-up of kcompactd, its order work (``kcompactd_work_requested``): the
+    order kswapd left pending (:func:`wake_all_kswapds`), or ``order`` when the caller asks for
+    one at every wake (a compactor started with ``--order``), if wakeup_kcompactd() would wake
+    kcompactd for it (:func:`kcompactd_node_suitable`). kswapd's sleep comes first (skip hints
+    flushed), then :func:`kcompactd_do_work`. None when no order work was requested: the
+    wake-up is then for proactive compaction (:class:`gemfs.mm.kcompactd.Kcompactd`)."""
+    st = mm.compact_state
+    want = max(st.kcompactd_max_order, order)
+    if want <= 0:
+        return None
+    st.reset_isolation_suitable(mm)  # kswapd_try_to_sleep(), before it wakes kcompactd
+    if not kcompactd_node_suitable(mm, want):  # wakeup_kcompactd() would not wake it
+        st.kcompactd_max_order = 0
+        publish_state(mm)
+        return None
+    status = yield from kcompactd_do_work(mm, want)
+    publish_state(mm)
+    return status
+
+
 STATE_GAUGES = (
     "compact_defer_shift",
     "compact_considered",
@@ -408,6 +456,7 @@ STATE_GAUGES = (
     "compact_cached_migrate_pfn_sync",
     "compact_cached_free_pfn",
     "compact_pageblocks_skip",
+    "kcompactd_max_order",
 )
 
 
@@ -424,3 +473,4 @@ def publish_state(mm: MemoryManager) -> None:
     c["compact_cached_migrate_pfn_sync"] = j["compact_cached_migrate_pfn"][1]
     c["compact_cached_free_pfn"] = j["compact_cached_free_pfn"]
     c["compact_pageblocks_skip"] = j["pageblocks_skip"]
+    c["kcompactd_max_order"] = st.kcompactd_max_order
