@@ -44,7 +44,8 @@ def test_order_work_runs_in_the_zone_state_and_shares_its_deferral(mm: MemoryMan
     pinned_everywhere(mm)
     st = mm.compact_state
     run_slowpath(mm, 9, "hugetlb", reclaim=lambda order: 32)
-    assert st.defer_shift == 1 and st.kcompactd_max_order == 9
+    assert st.defer_shift == 1
+    assert st.kcompactd_max_order == 9
     # compaction_deferred() counts this attempt (1 < 1 << 1): kcompactd does no pass
     assert wake(mm) is CompactResult.DEFERRED
     assert mm.vmstat["compact_daemon_wake"] == 1
@@ -84,7 +85,9 @@ def test_proactive_no_progress_sleeps_64_intervals_and_order_work_ends_it() -> N
     kc = Kcompactd(8)
     free = [100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # all order-0: score 100, nothing moves it
     ran = list(kc.wake(lambda: free, 90))
-    assert len(ran) == 1 and ran[0].ignore_skip_hint and ran[0].whole_zone
+    assert len(ran) == 1
+    assert ran[0].ignore_skip_hint
+    assert ran[0].whole_zone
     assert kc.defer == PROACTIVE_DEFER == 63
     for _ in range(PROACTIVE_DEFER):
         assert list(kc.wake(lambda: free, 90)) == []
