@@ -55,7 +55,9 @@ probe          High-order allocations with direct compaction. ``order`` (default
                1 GiB) or ``size`` (``"16MiB"``, ``"1GiB"``: a power of two); ``count`` (a
                number, default 1, or "all": until one fails); ``repeat`` (default 1);
                ``interval_ms`` (default 0); ``hold`` (default false; true: keep the blocks
-               until the next probe phase without hold)
+               until the next probe phase without hold); ``gfp`` (default "thp": a THP fault,
+               no retry, no kswapd; "hugetlb": an nr_hugepages allocation, retries at
+               SYNC_LIGHT and wakes kswapd, so kcompactd works for the order; "kernel")
 compact        Explicit compaction of the whole pool (``echo 1 > compact_memory``)
 wait           ``ms``: time passes; the compactor wakes every ``interval_ms``
 repeat         ``times``; ``[[phase.do]]`` tables: the phases to repeat
