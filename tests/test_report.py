@@ -553,3 +553,22 @@ def test_every_design_fits_the_console(workload: Workload, width: int) -> None:
     for d in Design:
         assert f" {d.value}" in text
     assert text.count("all designs") == 1
+
+
+def test_benefit_cost_points_are_the_seed_means_and_ranges(
+    seeded_records: list[RunRecord], tmp_path: Path
+) -> None:
+    """One point per design: order9_free_mean (7.5, 8, 9.25) against GPU stall (0.5, 1, 3) and
+    against migration + scanning + waits (12.5 + 0 + 0, 12.5 + 2, 12.5 + 4)."""
+    from tools.report import _compaction_ms, _stall_ms, benefit_cost_points, plot_benefit_cost
+
+    by_stall = benefit_cost_points(seeded_records, lambda r: r.order9_free_mean, _stall_ms)
+    assert [name for name, _c, _b in by_stall] == list(DESIGNS)
+    for _name, cost, benefit in by_stall:
+        assert cost == pytest.approx((1.5, 0.5, 3.0))
+        assert benefit == pytest.approx((24.75 / 3, 7.5, 9.25))
+    by_time = benefit_cost_points(seeded_records, lambda r: r.order9_free_mean, _compaction_ms)
+    assert by_time[0][1] == pytest.approx((14.5, 12.5, 16.5))
+    out = tmp_path / "bc.png"
+    plot_benefit_cost(seeded_records, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -643,6 +643,8 @@ def render_markdown(workload: Workload, records: Sequence[RunRecord]) -> str:
         "",
         "![buddyinfo](buddyinfo.png)",
         "",
+        "![benefit against cost](benefit-cost.png)",
+        "",
         "Raw data: `runs.json` (one record per design and seed), `timeline.csv` (one row per "
         "step, per design and seed).",
         "",
@@ -835,7 +837,7 @@ class ReportFiles:
     plots: tuple[Path, ...]
 
 
-PLOTS = ("order9.png", "score.png", "pageblocks.png", "buddyinfo.png")
+PLOTS = ("order9.png", "score.png", "pageblocks.png", "buddyinfo.png", "benefit-cost.png")
 
 
 def write_runs_json(records: Sequence[RunRecord], path: Path) -> None:
@@ -873,4 +875,87 @@ def write_report(workload: Workload, results: Sequence[RunResult], out: Path) ->
     plot_score(results, plots[1])
     plot_pageblocks(records, plots[2])
     plot_buddyinfo(records, plots[3])
+    plot_benefit_cost(records, plots[4])
     return ReportFiles(out, md, runs, timeline, plots)
+
+
+# -- benefit against cost, one point per design ---------------------------------------------
+BenefitCost = tuple[str, tuple[float, float, float], tuple[float, float, float]]
+
+
+def benefit_cost_points(
+    records: Sequence[RunRecord],
+    benefit: Callable[[RunRecord], float],
+    cost: Callable[[RunRecord], float],
+) -> list[BenefitCost]:
+    """Per design: (name, (cost mean, min, max), (benefit mean, min, max)) over its seeds."""
+    out: list[BenefitCost] = []
+    for design, runs in by_design(records).items():
+        c = np.array([cost(r) for r in runs], dtype=float)
+        b = np.array([benefit(r) for r in runs], dtype=float)
+        out.append(
+            (
+                design,
+                (float(c.mean()), float(c.min()), float(c.max())),
+                (float(b.mean()), float(b.min()), float(b.max())),
+            )
+        )
+    return out
+
+
+def _stall_ms(r: RunRecord) -> float:
+    return float(r.costs.get("gpu_stall_ms", 0.0) or 0.0)
+
+
+def _compaction_ms(r: RunRecord) -> float:
+    """The CPU side of the bill: migration copies, scanning and the waits of the compactions."""
+    c = r.costs
+    return sum(float(c.get(k, 0.0) or 0.0) for k in ("migration_ms", "scan_ms", "waits_ms"))
+
+
+def _scatter(ax: Axes, points: Sequence[BenefitCost], xlabel: str, ylabel: str) -> None:
+    for i, (design, (cx, clo, chi), (by, blo, bhi)) in enumerate(points):
+        colour = f"C{i % 10}"
+        ax.errorbar(
+            cx,
+            by,
+            xerr=[[cx - clo], [chi - cx]],
+            yerr=[[by - blo], [bhi - by]],
+            fmt="o",
+            color=colour,
+            capsize=3,
+            label=design,
+        )
+        ax.annotate(design, (cx, by), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    top = max((c[2] for _, c, _b in points), default=0.0)
+    # symlog: designs that cost nothing sit at 0, the others spread over decades
+    ax.set_xscale("symlog", linthresh=max(top / 1000, 1e-3))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
+def plot_benefit_cost(records: Sequence[RunRecord], path: Path) -> None:
+    """What each design buys back against what it costs: time-weighted free 2 MiB blocks
+    against the GPU's stall (left) and against the compactions' own time (right); points are
+    the mean over seeds, bars the min–max."""
+    benefit = "free 2 MiB blocks, time-weighted mean"
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _scatter(
+        left,
+        benefit_cost_points(records, lambda r: r.order9_free_mean, _stall_ms),
+        "GPU stall (ms, symlog)",
+        benefit,
+    )
+    left.set_title("benefit against GPU stall", fontsize=10)
+    _scatter(
+        right,
+        benefit_cost_points(records, lambda r: r.order9_free_mean, _compaction_ms),
+        "migration + scanning + waits (ms, symlog)",
+        benefit,
+    )
+    right.set_title("benefit against compaction time", fontsize=10)
+    fig.suptitle("Benefit against cost per design (mean across seeds; bars: min–max)")
+    _save(fig, path)
