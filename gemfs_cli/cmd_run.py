@@ -120,6 +120,7 @@ def _run_and_report(
         provenance,
         provenance_line,
         rich_table,
+        summary_table,
         table_width,
         widen,
         write_report,
@@ -134,8 +135,10 @@ def _run_and_report(
     harness = rich_table(
         records, title=HARNESS.title, sections=(HARNESS,), headings=False, width=width
     )
-    widen(console, table, harness)
+    side = summary_table(records, width)
+    widen(console, table, harness, side)
     console.print(table)
+    console.print(side)
     console.print(harness)
     console.print(provenance_line(provenance(workload, records)))
     if note := _too_small(workload, records):

@@ -572,3 +572,35 @@ def test_benefit_cost_points_are_the_seed_means_and_ranges(
     out = tmp_path / "bc.png"
     plot_benefit_cost(seeded_records, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _many(seeded_records: list[RunRecord], n: int) -> list[RunRecord]:
+    """``n`` designs' worth of records (the synthetic ones, renamed)."""
+    out = []
+    for i in range(n):
+        base = [r for r in seeded_records if r.design == DESIGNS[i % len(DESIGNS)]]
+        out += [dataclasses.replace(r, design=f"design-number-{i:02d}") for r in base]
+    return out
+
+
+@pytest.mark.parametrize("width", [80, 120, None])
+def test_side_by_side_has_a_row_per_design_and_fits(
+    seeded_records: list[RunRecord], width: int | None
+) -> None:
+    from tools.report import summary_rows, summary_table
+
+    records = _many(seeded_records, 12)
+    rows = dict(summary_rows(records))
+    assert len(rows) == 12
+    cells = [c.text() for c in rows["design-number-00"]]
+    # free 2M 7.5/8/9.25, ok 40/45/48, tried 10/11/12, drain 40/45/48, stall 0.5/1/3, ...
+    assert cells[:5] == ["8.25 (7.5–9.25)", "44.3 (40–48)", "11 (10–12)", "44.3 (40–48)",
+                         "1.5 (0.5–3)"]  # fmt: skip
+    text = render_text(summary_table(records, width), width or 400)
+    lines = text.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= (width or 400)
+    for i in range(12):  # each design starts a row (twice when benefit and cost are split)
+        starts = [ln for ln in lines if ln.lstrip().startswith(f"design-number-{i:02d}")]
+        assert len(starts) in (1, 2), (i, starts)
+    assert "44.3" in text
+    assert "(40–48)" in text

@@ -337,6 +337,66 @@ def table_rows(
     return rows
 
 
+# -- side by side: one row per design ------------------------------------------------------
+SUMMARY: tuple[Metric, ...] = (
+    Metric("free 2M", lambda r: r.order9_free_mean),
+    Metric("ok", lambda r: _get(r.alloc, "successes")),
+    Metric("tried", lambda r: _get(r.alloc, "attempts")),
+    Metric("drain", lambda r: _get(r.drain, "blocks")),
+    Metric("stall ms", lambda r: _get(r.costs, "gpu_stall_ms")),
+    Metric("migrated", lambda r: _get(r.costs, "pages_migrated")),
+    Metric("callbacks", lambda r: _get(r.costs, "callbacks")),
+    Metric("refaulted", lambda r: _get(r.costs, "refaulted_pages")),
+)
+
+
+SUMMARY_KEY = (
+    "free 2M: free 2 MiB blocks, mean over modelled time; ok/tried: high-order allocations; "
+    "drain: blocks the final drain got; stall ms: GPU stall; migrated, refaulted: pages; "
+    "callbacks: owner callbacks"
+)
+
+
+def summary_rows(records: Sequence[RunRecord]) -> list[tuple[str, list[Cell]]]:
+    """Benefit and cost side by side, one row per design (mean across seeds, min–max)."""
+    return [(d, [m.render(runs) for m in SUMMARY]) for d, runs in by_design(records).items()]
+
+
+def summary_table(records: Sequence[RunRecord], width: int | None = None) -> RenderableType:
+    """The designs as rows: readable with a dozen designs. When the one-line layout is wider
+    than ``width``, ranges go under their means, then benefit and cost become two tables."""
+    rows = summary_rows(records)
+    design_width = max((len(d) for d, _ in rows), default=6)
+
+    def build(columns: Sequence[int], stacked: bool, title: str, caption: str | None) -> Table:
+        t = Table(
+            title=title or None,
+            caption=caption,
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        t.add_column("design", no_wrap=True, width=max(design_width, 6))
+        for i in columns:
+            need = max([len(SUMMARY[i].label), *(cells[i].need(stacked) for _, cells in rows)])
+            t.add_column(SUMMARY[i].label, justify="right", no_wrap=True, width=need)
+        for design, cells in rows:
+            t.add_row(design, *(cells[i].text(stacked) for i in columns))
+        return t
+
+    title = "side by side (mean across seeds; min–max)"
+    every = list(range(len(SUMMARY)))
+    for stacked in (False, True):
+        t = build(every, stacked, title, SUMMARY_KEY)
+        if width is None or _fixed_width(t) <= width:
+            return t
+    half = len(SUMMARY) // 2  # benefit | cost
+    return Group(
+        build(every[:half], True, f"{title}: benefit", None),
+        build(every[half:], True, "cost", SUMMARY_KEY),
+    )
+
+
 # The metric column is never squeezed below this (it wraps at spaces above it); a one-line
 # ("inline") layout is used only when it leaves the labels at least INLINE_LABEL columns.
 MIN_LABEL = 16
@@ -609,6 +669,15 @@ def render_markdown(workload: Workload, records: Sequence[RunRecord]) -> str:
         "Order-9 blocks are counted in 2 MiB units.",
         "",
         *_md_table(["metric", *designs], _md_rows(table_rows(records))),
+        "",
+        "### Side by side",
+        "",
+        f"The same figures, one row per design: benefit beside cost. {SUMMARY_KEY}.",
+        "",
+        *_md_table(
+            ["design", *(m.label for m in SUMMARY)],
+            [[d, *(c.text() for c in cells)] for d, cells in summary_rows(records)],
+        ),
         "",
         "## Harness (wall clock)",
         "",
