@@ -125,11 +125,11 @@ class PageTable:
         elif stop > start:
             # Leaves made in page order sit in consecutive rows (a file written front to
             # back): the range is then one slice of the store, one copy, no per-leaf loop.
-            leaves = self._leaves
-            row = leaves.get(first)
+            rows = self._leaves
+            row = rows.get(first)
             if row is not None and row + last - first < self._nrows:
                 k = first + 1
-                while k <= last and leaves.get(k) == row + k - first:
+                while k <= last and rows.get(k) == row + k - first:
                     k += 1
                 if k > last:
                     block = self._store[row : row + last - first + 1].reshape(-1)
