@@ -62,6 +62,27 @@ def test_page_table_agrees_with_a_dense_array(steps: list[tuple[object, ...]]) -
     if len(dense):
         assert np.array_equal(table[dense >= 0], dense[dense >= 0])
         assert np.array_equal(table[2:-1], dense[2:-1])
+    for lo, hi in ((0, N), (3, 2 * XA_CHUNK_SIZE + 9), (XA_CHUNK_SIZE - 1, N - 2)):
+        assert np.array_equal(table[lo:hi], dense[lo:hi])  # slices over several leaves
+
+
+@pytest.mark.parametrize("order", ["front_to_back", "back_to_front", "gap"])
+def test_slices_over_leaves_in_any_row_order(order: str) -> None:
+    """A range over leaves made in page order is read as one slice of the store (the read
+    path's fast case); leaves in any other order read the same."""
+    n = 4 * XA_CHUNK_SIZE
+    table = PageTable()
+    table.resize(n)
+    dense = np.full(n, -1, dtype=np.int64)
+    leaves = {"front_to_back": [0, 1, 2, 3], "back_to_front": [3, 2, 1, 0], "gap": [0, 2, 3]}
+    for leaf in leaves[order]:
+        lo = leaf * XA_CHUNK_SIZE
+        vals = np.arange(lo, lo + XA_CHUNK_SIZE, dtype=np.int64) + 1000
+        vals[5] = -1  # a hole inside a leaf
+        table[lo : lo + XA_CHUNK_SIZE] = vals
+        dense[lo : lo + XA_CHUNK_SIZE] = vals
+    for lo, hi in ((0, n), (7, n - 3), (XA_CHUNK_SIZE, 3 * XA_CHUNK_SIZE), (60, 70)):
+        assert np.array_equal(table[lo:hi], dense[lo:hi])
 
 
 def test_a_byte_at_the_largest_offset_costs_one_leaf() -> None:

@@ -122,6 +122,19 @@ class PageTable:
             if row is not None:
                 lo = start & _MASK
                 return self._store[row, lo : lo + stop - start].copy()
+        elif stop > start:
+            # Leaves made in page order sit in consecutive rows (a file written front to
+            # back): the range is then one slice of the store, one copy, no per-leaf loop.
+            rows = self._leaves
+            row = rows.get(first)
+            if row is not None and row + last - first < self._nrows:
+                k = first + 1
+                while k <= last and rows.get(k) == row + k - first:
+                    k += 1
+                if k > last:
+                    block = self._store[row : row + last - first + 1].reshape(-1)
+                    lo = start & _MASK
+                    return block[lo : lo + stop - start].copy()
         out = np.full(max(0, stop - start), HOLE, dtype=np.int64)
         if stop <= start or not self._leaves:
             return out
