@@ -162,6 +162,8 @@ def test_every_place_that_lists_designs_follows_the_enum() -> None:
         MigrateType.MOVABLE,  # pinned-in-movable
         MigrateType.RECLAIMABLE,  # illuminator: i915's pages, compaction changed
         MigrateType.RECLAIMABLE,  # defrag-mode: i915's pages, the allocator changed
+        MigrateType.MOVABLE,  # longterm-pin: memfd/userptr pages, moved out before pinning
+        MigrateType.RECLAIMABLE,  # confine: i915's pages, steered into the region
         MigrateType.MOVABLE,
         MigrateType.MOVABLE,
         MigrateType.MOVABLE,

@@ -226,6 +226,12 @@ SECTIONS: tuple[Section, ...] = (
             Metric("pages scanned", lambda r: _get(r.costs, "scanned_pages")),
             Metric("migration time (ms)", lambda r: _get(r.costs, "migration_ms")),
             Metric("waits (ms)", lambda r: _get(r.costs, "waits_ms")),
+            Metric("pages moved at pin time", lambda r: _get(r.costs, "pin_migrated_pages")),
+            Metric("pin-time migration (ms)", lambda r: _get(r.costs, "pin_migration_ms")),
+            Metric("pages evacuated (confine)", lambda r: _get(r.costs, "evacuated_pages")),
+            Metric("evacuation (ms)", lambda r: _get(r.costs, "evacuation_ms")),
+            Metric("region grew (confine)", lambda r: _get(r.costs, "region_grows")),
+            Metric("region shrank (confine)", lambda r: _get(r.costs, "region_shrinks")),
         ),
     ),
     Section(
