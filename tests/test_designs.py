@@ -161,9 +161,7 @@ def play(design: Design, w: Workload | None = None, *, ttm_pool_limit: int | Non
         polluted, mib = _polluted(b.mm)
         fence, pins, nonmovable = _above_fence(b.mm)
         top = int(np.count_nonzero(b.mm.pool.pin[b.mm.pool.nr_pages // 2 :]))
-        return Played(
-            record, polluted, mib, b.mm.mixed_pageblocks(), fence, pins, nonmovable, top
-        )
+        return Played(record, polluted, mib, b.mm.mixed_pageblocks(), fence, pins, nonmovable, top)
     finally:
         b.teardown()
 
@@ -334,11 +332,10 @@ def test_longterm_pin_keeps_unmovable_allocations_below_the_fence() -> None:
         assert fence == mm.pool.nr_pages - 16 * 256
         movable = mm.alloc_kernel(0, MigrateType.MOVABLE)
         assert movable >= fence
-        got = []
+        got = [mm.alloc_kernel(0, MigrateType.UNMOVABLE) for _ in range(fence)]
         with pytest.raises(OutOfMemory):
-            while True:
-                got.append(mm.alloc_kernel(0, MigrateType.UNMOVABLE))
-        assert len(got) == fence  # all of ZONE_NORMAL, nothing of the region
+            mm.alloc_kernel(0, MigrateType.UNMOVABLE)
+        assert len(set(got)) == fence  # all of ZONE_NORMAL, nothing of the region
         assert max(got) < fence
         assert mm.buddy.zone_free_pages(1) == 16 * 256 - 1
         mm.check()
@@ -366,7 +363,7 @@ def test_region_options_are_checked_with_one_line() -> None:
     mm.close()
 
 
-# -- research: confinement (Contiguitas, superpageblocks) -------------------------------------------
+# -- research: confinement (Contiguitas, superpageblocks) ----------------------------------------
 def test_confine_keeps_unmovable_and_pinned_pages_in_its_region(
     status_quo: dict[Design, Played],
 ) -> None:
@@ -420,7 +417,8 @@ def test_confine_region_grows_with_evacuation_and_shrinks_when_emptied() -> None
         for o in gem:
             mm.hold(owner, o, 0, o.nr_pages)
         grows = mm.ledger.region_grows
-        assert grows >= 2 and mm.buddy.fence == (1 + grows) * g
+        assert grows >= 2
+        assert mm.buddy.fence == (1 + grows) * g
         assert mm.ledger.evacuated_pages > 0  # page cache was in the way
         assert all(int(o.resident()[1].max()) < mm.buddy.fence for o in gem)
         assert not np.any(mm.pool.pin[mm.buddy.fence :])
