@@ -504,6 +504,13 @@ class Player:
                 "cost_table": dict(end["cost_table"]),
                 "cost_sources": dict(COST_SOURCES),
                 "workload_file": self.w.path,
+                # the driver's migrate callback (driver.gem.DriverPolicy) and the regions of
+                # longterm-pin / confine as the workload set them (None: the default)
+                "driver_policy": self.w.driver_policy.value,
+                "design_options": {
+                    "movablecore": self.w.movablecore,
+                    "confine_granule": self.w.confine_granule,
+                },
             },
         )
         return RunResult(record, self.timeline)
