@@ -176,10 +176,14 @@ def _check_args(mountpoint: str, pool: str, design: str, regions: Regions) -> No
     try:
         size = check_pool_size(pool)
         check_memory(size)  # before the server starts: at once, one line
-        Design.parse(design)
+        d = Design.parse(design)
         if regions.movablecore is not None:
+            if d is not Design.LONGTERM_PIN:
+                raise ValueError("--movablecore applies to the longterm-pin design only")
             movablecore_pages(regions.movablecore, size // PAGE_SIZE)
         if regions.confine_granule is not None:
+            if d is not Design.CONFINE:
+                raise ValueError("--confine-granule applies to the confine design only")
             confine_granule_pages(regions.confine_granule, size // PAGE_SIZE)
     except ValueError as e:
         raise MountError(str(e)) from None

@@ -514,6 +514,10 @@ def test_i915_2016_drops_whole_objects_and_refaults_them(design: Design) -> None
     assert v["gem_callback_lock_us"] > 10_000  # > 10 ms of trylock in all
     assert "gem_objects_dropped" not in wait.vmstat
     assert old.drain["blocks"] >= wait.drain["blocks"]  # see the docstring
+    assert (old.provenance["driver_policy"], wait.provenance["driver_policy"]) == (
+        "i915-2016",
+        "wait-idle",
+    )
     assert old.data_errors == wait.data_errors == 0
 
 
