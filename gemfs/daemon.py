@@ -167,6 +167,8 @@ async def serve(
     *,
     pool: int | str = "64MiB",
     design: Design | str = Design.SHMEM_HOOK,
+    movablecore: str | None = None,
+    confine_granule: str | None = None,
     control_path: str | None = None,
     services: Sequence[Service] = (),
     test_faults: bool = False,
@@ -183,7 +185,9 @@ async def serve(
     if control_path is not None and control_socket_in_use(control_path):
         raise MountError(f"control socket {control_path} is in use by a live server")
     try:
-        mm = MemoryManager(pool, design=design)
+        mm = MemoryManager(
+            pool, design=design, movablecore=movablecore, confine_granule=confine_granule
+        )
     except ValueError as e:
         raise MountError(str(e)) from None
     except OSError as e:

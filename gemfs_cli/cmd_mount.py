@@ -7,7 +7,7 @@ import logging
 import os
 import subprocess
 import sys
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import click
 
@@ -35,6 +35,8 @@ DESIGNS = (
     "pinned-in-movable",
     "illuminator",
     "defrag-mode",
+    "longterm-pin",
+    "confine",
     "shmem-hook",
     "gemfs",
     "notifier",
@@ -50,6 +52,18 @@ DESIGNS = (
     show_default=True,
     type=click.Choice([d.value for d in Design]),
     help="Which design to model.",
+)
+@click.option(
+    "--movablecore",
+    metavar="SIZE|N%",
+    help="longterm-pin: size of the movable region at the top of the pool, like the boot "
+    "parameter (default 50%).",
+)
+@click.option(
+    "--confine-granule",
+    metavar="SIZE",
+    help="confine: the step its region grows and shrinks by, a multiple of 4MiB "
+    "(default 1GiB, or a 32nd of smaller pools).",
 )
 @click.option("--control", metavar="PATH", help="Unix socket for the driver and compactor.")
 @click.option(
@@ -77,6 +91,8 @@ def mount(
     mountpoint: str,
     pool: str,
     design: str,
+    movablecore: str | None,
+    confine_granule: str | None,
     control: str | None,
     allow_uids: tuple[int, ...],
     callback_timeout: float | None,
@@ -99,14 +115,24 @@ def mount(
         os.environ["GEMFS_ALLOW_UIDS"] = ",".join(str(u) for u in allow_uids)
     if callback_timeout is not None:
         os.environ["GEMFS_CALLBACK_TIMEOUT"] = str(callback_timeout)
+    regions = Regions(movablecore, confine_granule)
     try:
-        _check_args(mountpoint, pool, design)
+        _check_args(mountpoint, pool, design, regions)
         if foreground:
             _serve_foreground(
-                mountpoint, pool, design, control, debug, not no_prefault, test_faults, ready_fd
+                mountpoint,
+                pool,
+                design,
+                regions,
+                control,
+                debug,
+                not no_prefault,
+                test_faults,
+                ready_fd,
             )
             return
         extra = [*(["--debug"] if debug else []), *(["--no-prefault"] if no_prefault else [])]
+        extra += regions.args()
         args = server_args(  # absolute paths: the daemon runs in "/"
             os.path.abspath(mountpoint),
             pool=pool,
@@ -127,15 +153,38 @@ def mount(
         raise click.ClickException(str(e)) from None
 
 
-def _check_args(mountpoint: str, pool: str, design: str) -> None:
+class Regions(NamedTuple):
+    """The mount's region options (longterm-pin, confine; gemfs.mm.region)."""
+
+    movablecore: str | None
+    confine_granule: str | None
+
+    def args(self) -> list[str]:
+        out = [] if self.movablecore is None else [f"--movablecore={self.movablecore}"]
+        if self.confine_granule is not None:
+            out.append(f"--confine-granule={self.confine_granule}")
+        return out
+
+
+def _check_args(mountpoint: str, pool: str, design: str, regions: Regions) -> None:
     from gemfs.mm.pool import check_memory, check_pool_size
-    from gemfs.mm.types import Design
+    from gemfs.mm.region import confine_granule_pages, movablecore_pages
+    from gemfs.mm.types import PAGE_SIZE, Design
 
     check_fuse_device()
     check_mountpoint(mountpoint)
     try:
-        check_memory(check_pool_size(pool))  # before the server starts: at once, one line
-        Design.parse(design)
+        size = check_pool_size(pool)
+        check_memory(size)  # before the server starts: at once, one line
+        d = Design.parse(design)
+        if regions.movablecore is not None:
+            if d is not Design.LONGTERM_PIN:
+                raise ValueError("--movablecore applies to the longterm-pin design only")
+            movablecore_pages(regions.movablecore, size // PAGE_SIZE)
+        if regions.confine_granule is not None:
+            if d is not Design.CONFINE:
+                raise ValueError("--confine-granule applies to the confine design only")
+            confine_granule_pages(regions.confine_granule, size // PAGE_SIZE)
     except ValueError as e:
         raise MountError(str(e)) from None
 
@@ -144,6 +193,7 @@ def _serve_foreground(
     mountpoint: str,
     pool: str,
     design: str,
+    regions: Regions,
     control: str | None,
     debug: bool,
     prefault: bool,
@@ -164,6 +214,8 @@ def _serve_foreground(
         mountpoint,
         pool=pool,
         design=design,
+        movablecore=regions.movablecore,
+        confine_granule=regions.confine_granule,
         control_path=control,
         test_faults=test_faults,
         prefault=prefault,

@@ -65,6 +65,9 @@ def test_run_inproc_writes_records_and_report(tmp_path: Path) -> None:
     assert "drain after idle" in r.output
     assert "harness (wall clock" in r.output
     assert "backend inproc; seeds 5; gemfs " in r.output
+    assert "; driver wait-idle; cost table" in r.output  # the records name the policy
+    assert "- driver policy: wait-idle" in (out / "report.md").read_text()
+    assert {d["provenance"]["driver_policy"] for d in data} == {"wait-idle"}
     assert str(out / "report.md") in r.output
 
 

@@ -15,11 +15,12 @@ import pytest
 
 from driver.gem import MALI_FLUSH_PAGE_US, DriverPolicy
 from gemfs.mm import MemoryManager
-from gemfs.mm.types import PAGEBLOCK_ORDER, Design, MigrateType
+from gemfs.mm.pool import PG_ALLOC, PG_MT_MASK, PG_MT_SHIFT
+from gemfs.mm.types import PAGEBLOCK_ORDER, Design, MigrateType, OutOfMemory
 from gemfs_cli.cmd_mount import DESIGNS
 from tools.inproc_backend import InprocBackend
 from tools.player import Player, RunRecord
-from tools.workload import Workload, parse_workload
+from tools.workload import Workload, WorkloadError, parse_workload
 
 DESKTOP = """\
 name = "desktop-small"
@@ -120,6 +121,10 @@ class Played:
     polluted: int  # pageblocks holding a page the driver keeps unmovable (pinned or pooled)
     pinned_mib: float
     mixed: int
+    fence: int  # longterm-pin, confine: the buddy's zone fence (else the pool's size)
+    pins_above_fence: int  # pinned frames at or above the fence
+    nonmovable_above_fence: int  # allocated frames of another type than MOVABLE there
+    pins_top_half: int  # pinned frames in the top half of the pool (any design)
 
     @property
     def polluted_per_pinned_mib(self) -> float:
@@ -136,6 +141,14 @@ def _polluted(mm: MemoryManager) -> tuple[int, float]:
     return len(np.unique(np.flatnonzero(held) >> PAGEBLOCK_ORDER)), pinned_mib
 
 
+def _above_fence(mm: MemoryManager) -> tuple[int, int, int]:
+    f = mm.buddy.fence
+    fl = mm.pool.flags[f:]
+    other = (fl & PG_MT_MASK) != (int(MigrateType.MOVABLE) << PG_MT_SHIFT)
+    nonmovable = int(np.count_nonzero(((fl & PG_ALLOC) != 0) & other))
+    return f, int(np.count_nonzero(mm.pool.pin[f:])), nonmovable
+
+
 def play(design: Design, w: Workload | None = None, *, ttm_pool_limit: int | None = None) -> Played:
     w = w or parse_workload(DESKTOP, "desktop-small.toml")
     b = InprocBackend(w, design)
@@ -146,7 +159,9 @@ def play(design: Design, w: Workload | None = None, *, ttm_pool_limit: int | Non
         record = Player(w, b, design.value).run().record
         b.mm.check()
         polluted, mib = _polluted(b.mm)
-        return Played(record, polluted, mib, b.mm.mixed_pageblocks())
+        fence, pins, nonmovable = _above_fence(b.mm)
+        top = int(np.count_nonzero(b.mm.pool.pin[b.mm.pool.nr_pages // 2 :]))
+        return Played(record, polluted, mib, b.mm.mixed_pageblocks(), fence, pins, nonmovable, top)
     finally:
         b.teardown()
 
@@ -162,6 +177,8 @@ def test_every_place_that_lists_designs_follows_the_enum() -> None:
         MigrateType.MOVABLE,  # pinned-in-movable
         MigrateType.RECLAIMABLE,  # illuminator: i915's pages, compaction changed
         MigrateType.RECLAIMABLE,  # defrag-mode: i915's pages, the allocator changed
+        MigrateType.MOVABLE,  # longterm-pin: memfd/userptr pages, moved out before pinning
+        MigrateType.RECLAIMABLE,  # confine: i915's pages, steered into the region
         MigrateType.MOVABLE,
         MigrateType.MOVABLE,
         MigrateType.MOVABLE,
@@ -277,6 +294,145 @@ def test_defrag_mode_makes_fewer_mixed_pageblocks_than_pinned(
     assert dm.record.data_errors == 0
 
 
+# -- what the kernel merged instead: move-then-pin (FOLL_LONGTERM) ---------------------------------
+def test_longterm_pin_moves_pages_out_of_the_movable_region_before_pinning(
+    status_quo: dict[Design, Played],
+) -> None:
+    """pin_user_pages(FOLL_LONGTERM) / memfd_pin_folios: the same movable GEM pages as
+    pinned-in-movable, but a page about to be pinned in the movable region (the top half,
+    movablecore=50%) is migrated below it first (MR_LONGTERM_PIN). At the end no pinned page
+    lies in the movable region; every pin-time migration was charged (copy_page_us each, as
+    GPU stall: the object waits for it); the pins sit in half the pageblocks or fewer, and the
+    huge-page faults during the session succeed where pinned-in-movable's fail."""
+    iim = status_quo[Design.PINNED_IN_MOVABLE]
+    lp = play(Design.LONGTERM_PIN)
+    r, c = lp.record, lp.record.costs
+    assert lp.fence == 64 * 256  # 128 MiB pool: the movable region is the top 64 MiB
+    assert lp.pinned_mib == iim.pinned_mib > 10  # the same pins ...
+    assert lp.pins_above_fence == lp.nonmovable_above_fence == 0  # ... none in the region
+    assert iim.pins_top_half > 1000  # where pinned-in-movable keeps thousands
+    assert c["pin_migrated_pages"] == r.vmstat["pgmigrate_longterm_pin"] > 5000
+    assert "pgmigrate_longterm_pin_fail" not in r.vmstat
+    copy_us = r.provenance["cost_table"]["copy_page_us"]
+    assert c["pin_migration_ms"] == pytest.approx(c["pin_migrated_pages"] * copy_us / 1000)
+    assert c["gpu_stall_ms"] == pytest.approx(c["pin_migration_ms"])
+    assert c["pages_migrated"] >= c["pin_migrated_pages"]
+    assert iim.record.costs["pin_migrated_pages"] == 0
+    assert lp.polluted <= iim.polluted / 2
+    assert r.alloc["successes"] > 2 * iim.record.alloc["successes"]
+    assert r.data_errors == 0
+
+
+def test_longterm_pin_keeps_unmovable_allocations_below_the_fence() -> None:
+    """The zones of the buddy: MOVABLE requests go to the movable region first (ZONE_MOVABLE
+    before ZONE_NORMAL), anything else never goes there, even when only it has room."""
+    mm = MemoryManager("64MiB", design=Design.LONGTERM_PIN, movablecore="16MiB", content=False)
+    try:
+        fence = mm.buddy.fence
+        assert fence == mm.pool.nr_pages - 16 * 256
+        movable = mm.alloc_kernel(0, MigrateType.MOVABLE)
+        assert movable >= fence
+        got = [mm.alloc_kernel(0, MigrateType.UNMOVABLE) for _ in range(fence)]
+        with pytest.raises(OutOfMemory):
+            mm.alloc_kernel(0, MigrateType.UNMOVABLE)
+        assert len(set(got)) == fence  # all of ZONE_NORMAL, nothing of the region
+        assert max(got) < fence
+        assert mm.buddy.zone_free_pages(1) == 16 * 256 - 1
+        mm.check()
+    finally:
+        mm.close()
+
+
+def test_region_options_are_checked_with_one_line() -> None:
+    with pytest.raises(ValueError, match=r"movablecore '150%' must be between 0% and 100%"):
+        MemoryManager("64MiB", design=Design.LONGTERM_PIN, movablecore="150%")
+    with pytest.raises(ValueError, match="multiple of 4MiB"):
+        MemoryManager("64MiB", design=Design.CONFINE, confine_granule="3MiB")
+    text = DESKTOP.replace("[compactor]", '[design]\nmovablecore = "2MiB"\n\n[compactor]')
+    with pytest.raises(WorkloadError, match=r"desktop-small.toml:\d+: \[design\]: movablecore"):
+        parse_workload(text, "desktop-small.toml")
+    w = parse_workload(
+        DESKTOP.replace(
+            "[compactor]", '[design]\nmovablecore = "25%"\nconfine_granule = "8MiB"\n\n[compactor]'
+        ),
+        "w",
+    )
+    assert (w.movablecore, w.confine_granule) == ("25%", "8MiB")
+    mm = MemoryManager(w.pool, design=Design.LONGTERM_PIN, movablecore=w.movablecore)
+    assert mm.pool.nr_pages - mm.buddy.fence == mm.pool.nr_pages // 4
+    mm.close()
+
+
+# -- research: confinement (Contiguitas, superpageblocks) ----------------------------------------
+def test_confine_keeps_unmovable_and_pinned_pages_in_its_region(
+    status_quo: dict[Design, Played],
+) -> None:
+    """Every non-movable allocation (i915's RECLAIMABLE GEM pages, the slab noise) goes into
+    the region at the bottom; when it is full the region grows by a granule (128 MiB / 32 =
+    4 MiB) and the page cache in the span is evacuated (migrated up, charged copy_page_us
+    each). Against i915's status quo on the same workload: no non-movable or pinned frame
+    above the region, and half the mixed pageblocks or fewer."""
+    plain = status_quo[Design.PINNED]
+    cf = play(Design.CONFINE)
+    r, c = cf.record, cf.record.costs
+    assert cf.nonmovable_above_fence == cf.pins_above_fence == 0
+    assert cf.pinned_mib == plain.pinned_mib > 10
+    assert c["region_grows"] == r.vmstat["confine_grow"] > 3
+    assert cf.fence == (1 + c["region_grows"] - c["region_shrinks"]) * 1024
+    assert c["evacuated_pages"] == r.vmstat["confine_evacuated"] > 1000
+    copy_us = r.provenance["cost_table"]["copy_page_us"]
+    assert c["evacuation_ms"] == pytest.approx(c["evacuated_pages"] * copy_us / 1000)
+    assert c["gpu_stall_ms"] == 0  # nothing the GPU uses was moved
+    assert cf.mixed <= plain.mixed / 2
+    assert cf.polluted <= plain.polluted
+    assert r.data_errors == 0
+
+
+def test_confine_moves_pins_into_its_region() -> None:
+    """With movable GEM pages ([driver] migratetype = "movable"), pages pinned outside the
+    region are moved into it first (the move-then-pin of longterm-pin, the other way round)."""
+    w = parse_workload(
+        DESKTOP.replace("[compactor]", '[driver]\nmigratetype = "movable"\n\n[compactor]'),
+        "desktop-small-movable.toml",
+    )
+    cf = play(Design.CONFINE, w)
+    c = cf.record.costs
+    assert cf.pins_above_fence <= cf.record.vmstat.get("pgmigrate_longterm_pin_fail", 0) < 50
+    assert c["pin_migrated_pages"] > 5000
+    assert c["pin_migration_ms"] > 0
+    assert c["gpu_stall_ms"] == pytest.approx(c["pin_migration_ms"])
+    assert cf.record.data_errors == 0
+
+
+def test_confine_region_grows_with_evacuation_and_shrinks_when_emptied() -> None:
+    mm = MemoryManager("64MiB", design=Design.CONFINE, confine_granule="8MiB", content=False)
+    try:
+        g = 8 * 256
+        assert mm.buddy.fence == g  # one granule to start with
+        movable = MigrateType.MOVABLE
+        cache = [mm.create_object(4 << 20, migratetype=movable) for _ in range(10)]  # page cache
+        assert all(int(o.resident()[1].min()) >= g for o in cache)
+        gem = [mm.create_object(1 << 20, private=True) for _ in range(20)]  # RECLAIMABLE
+        owner = object()
+        for o in gem:
+            mm.hold(owner, o, 0, o.nr_pages)
+        grows = mm.ledger.region_grows
+        assert grows >= 2
+        assert mm.buddy.fence == (1 + grows) * g
+        assert mm.ledger.evacuated_pages > 0  # page cache was in the way
+        assert all(int(o.resident()[1].max()) < mm.buddy.fence for o in gem)
+        assert not np.any(mm.pool.pin[mm.buddy.fence :])
+        mm.check()
+        for o in gem:
+            mm.release(owner, o, 0, o.nr_pages)
+            mm.destroy_object(o)
+        assert mm.buddy.fence == g  # returned granule by granule
+        assert mm.ledger.region_shrinks == grows
+        mm.check()
+    finally:
+        mm.close()
+
+
 # -- driver policies (combinable with the hook designs) -------------------------------------------
 # The browser keeps the GPU busy (40 ms batches submitted every 16.7 ms: GPU-bound) while
 # huge-page faults come and kcompactd (proactiveness 60, every 50 ms) compacts; the drain at the
@@ -361,6 +517,10 @@ def test_i915_2016_drops_whole_objects_and_refaults_them(design: Design) -> None
     assert v["gem_callback_lock_us"] > 10_000  # > 10 ms of trylock in all
     assert "gem_objects_dropped" not in wait.vmstat
     assert old.drain["blocks"] >= wait.drain["blocks"]  # see the docstring
+    assert (old.provenance["driver_policy"], wait.provenance["driver_policy"]) == (
+        "i915-2016",
+        "wait-idle",
+    )
     assert old.data_errors == wait.data_errors == 0
 
 

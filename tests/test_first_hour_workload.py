@@ -142,6 +142,7 @@ def documented_keys() -> dict[str, tuple[str, ...]]:
         "top level": ("name", "description", "pool", "seed", "page_size"),
         "[compactor]": ("proactiveness", "interval_ms", "order"),
         "[driver]": ("migratetype",),
+        "[design]": ("movablecore", "confine_granule"),
         "[costs]": costs,
         "sizes": ("dist", "min", "max", "median", "sigma", "sizes", "weights"),
         **{kind: _KEYS[kind] for kind in KINDS},
@@ -164,7 +165,7 @@ def test_every_key_is_documented(doc: Path) -> None:
     assert not missing, missing
     for kind in KINDS:
         assert f"`{kind}`" in text or f"{kind} " in text, kind
-    for table in ("[costs]", "[driver]", "[compactor]"):
+    for table in ("[costs]", "[driver]", "[design]", "[compactor]"):
         assert table in text, table
 
 

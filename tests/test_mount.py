@@ -411,6 +411,11 @@ def test_background_mount_returns_when_ready(tmp_path: Path) -> None:
         (["{busy}"], "busy"),
         (["{dir}", "--pool", "10MiB"], "must be a positive multiple"),
         (["{dir}", "--pool", "lots"], "bad size"),
+        (["{dir}", "--design", "longterm-pin", "--movablecore", "64MiB"], "leaves no room"),
+        (["{dir}", "--design", "longterm-pin", "--movablecore", "x%"], "bad movablecore"),
+        (["{dir}", "--movablecore", "50%"], "applies to the longterm-pin design only"),
+        (["{dir}", "--design", "confine", "--confine-granule", "6MiB"], "multiple of 4MiB"),
+        (["{dir}", "--design", "pinned", "--confine-granule", "8MiB"], "confine design only"),
         # --design is a click.Choice (a usage error): tests/test_first_hour_help.py
     ],
 )

@@ -73,4 +73,10 @@ def test_same_record_in_process_and_on_the_stack(design: Design) -> None:
     if design.asks_owner:
         assert a.costs["callbacks"] > 0
         assert a.costs["gpu_stall_ms"] > 0
+    if design is Design.LONGTERM_PIN:  # pages moved out of the movable region at pin time
+        assert a.costs["pin_migrated_pages"] > 100
+        assert a.costs["gpu_stall_ms"] > 0
+    if design is Design.CONFINE:  # the region grew over page cache and evacuated it
+        assert a.costs["region_grows"] > 0
+        assert a.costs["evacuated_pages"] > 100
     assert [p.time_s for p in inproc.timeline] == pytest.approx([p.time_s for p in stack.timeline])

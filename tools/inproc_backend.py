@@ -36,7 +36,14 @@ class InprocBackend:
         for tests that show it)."""
         self.design = design
         costs = CostTable.from_mapping(dict(workload.costs))
-        self.mm = MemoryManager(workload.pool, design=design, costs=costs, content=content)
+        self.mm = MemoryManager(
+            workload.pool,
+            design=design,
+            costs=costs,
+            content=content,
+            movablecore=workload.movablecore,
+            confine_granule=workload.confine_granule,
+        )
         self.clock = self.mm.clock
         self._cost_table = self.mm.costs.to_json()
         self.driver = InprocDriver(

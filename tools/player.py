@@ -150,7 +150,10 @@ class RunRecord:
     order9_free_mean: float = 0.0  # free order-9 units, time-weighted over the run
     # What the designs cost, in modelled time and pages: {"gpu_stall_ms", "repinned_pages",
     # "refaulted_pages", "callbacks", "pages_migrated", "pages_refused" (distinct pages),
-    # "refusals" (EAGAIN answers, attempts), "scanned_pages", "migration_ms", "waits_ms"}
+    # "refusals" (EAGAIN answers, attempts), "scanned_pages", "migration_ms", "waits_ms",
+    # "pin_migrated_pages", "pin_migration_ms" (moved before a long-term pin: longterm-pin,
+    # confine), "evacuated_pages", "evacuation_ms" (confine's region grew over them),
+    # "region_grows", "region_shrinks" (confine's region, by a granule each)}
     costs: dict[str, float] = field(default_factory=dict)
     # {"hugepages_recovered" (successful high-order allocations, run and drain, that needed
     #  direct compaction), "stall_ms_per_hugepage", "migrated_per_hugepage"}
@@ -501,6 +504,13 @@ class Player:
                 "cost_table": dict(end["cost_table"]),
                 "cost_sources": dict(COST_SOURCES),
                 "workload_file": self.w.path,
+                # the driver's migrate callback (driver.gem.DriverPolicy) and the regions of
+                # longterm-pin / confine as the workload set them (None: the default)
+                "driver_policy": self.w.driver_policy.value,
+                "design_options": {
+                    "movablecore": self.w.movablecore,
+                    "confine_granule": self.w.confine_granule,
+                },
             },
         )
         return RunResult(record, self.timeline)
@@ -539,6 +549,13 @@ class Player:
             "pages_migrated": c["pages_migrated"],
             "pages_refused": c["pages_refused"],
             "refusals": c["refusals"],
+            # longterm-pin / confine (gemfs.mm.region)
+            "pin_migrated_pages": c["pin_migrated_pages"],
+            "pin_migration_ms": c["pin_migration_ms"],
+            "evacuated_pages": c["evacuated_pages"],
+            "evacuation_ms": c["evacuation_ms"],
+            "region_grows": c["region_grows"],
+            "region_shrinks": c["region_shrinks"],
         }
 
     def _efficiency(self, end: Sample) -> dict[str, float | None]:

@@ -226,6 +226,12 @@ SECTIONS: tuple[Section, ...] = (
             Metric("pages scanned", lambda r: _get(r.costs, "scanned_pages")),
             Metric("migration time (ms)", lambda r: _get(r.costs, "migration_ms")),
             Metric("waits (ms)", lambda r: _get(r.costs, "waits_ms")),
+            Metric("pages moved at pin time", lambda r: _get(r.costs, "pin_migrated_pages")),
+            Metric("pin-time migration (ms)", lambda r: _get(r.costs, "pin_migration_ms")),
+            Metric("pages evacuated (confine)", lambda r: _get(r.costs, "evacuated_pages")),
+            Metric("evacuation (ms)", lambda r: _get(r.costs, "evacuation_ms")),
+            Metric("region grew (confine)", lambda r: _get(r.costs, "region_grows")),
+            Metric("region shrank (confine)", lambda r: _get(r.costs, "region_shrinks")),
         ),
     ),
     Section(
@@ -521,6 +527,9 @@ class Provenance:
     versions: tuple[str, ...]
     version_from_records: bool
     workload_file: str
+    # The driver policies the records name (wait-idle, i915-2016, per-page-flush), with the
+    # designs that ran under each; empty when the records do not say.
+    driver_policies: tuple[tuple[str, tuple[str, ...]], ...]
     # Each distinct cost table with the designs that used it (normally one for all).
     cost_tables: tuple[tuple[tuple[CostEntry, ...], tuple[str, ...]], ...]
 
@@ -558,6 +567,12 @@ def provenance(workload: Workload, records: Sequence[RunRecord]) -> Provenance:
         dict.fromkeys(str(v) for r in records if (v := r.provenance.get("gemfs_version")))
     )
     files = [str(f) for r in records if (f := r.provenance.get("workload_file"))]
+    policies: dict[str, list[str]] = {}
+    for r in records:
+        if (pol := r.provenance.get("driver_policy")) is not None:
+            used = policies.setdefault(str(pol), [])
+            if r.design not in used:
+                used.append(r.design)
     tables: dict[str, tuple[tuple[CostEntry, ...], list[str]]] = {}
     for r in records:
         table = r.provenance.get("cost_table")
@@ -574,6 +589,7 @@ def provenance(workload: Workload, records: Sequence[RunRecord]) -> Provenance:
         versions=versions or (installed_version(),),
         version_from_records=bool(versions),
         workload_file=files[0] if files else workload.path,
+        driver_policies=tuple((k, tuple(v)) for k, v in policies.items()),
         cost_tables=tuple((e, tuple(d)) for e, d in tables.values()),
     )
 
@@ -587,10 +603,18 @@ def provenance_line(p: Provenance) -> str:
         if p.cost_tables
         else "no cost table in the records"
     )
+    driver = f"; driver {_policies(p)}" if p.driver_policies else ""
     return (
         f"backend {', '.join(p.backends)}; seeds {', '.join(map(str, p.seeds))}; "
-        f"gemfs {', '.join(p.versions)}; {costs}"
+        f"gemfs {', '.join(p.versions)}{driver}; {costs}"
     )
+
+
+def _policies(p: Provenance) -> str:
+    """``wait-idle``, or per policy the designs that ran under it when they differ."""
+    if len(p.driver_policies) == 1:
+        return p.driver_policies[0][0]
+    return "; ".join(f"{pol} ({', '.join(ds)})" for pol, ds in p.driver_policies)
 
 
 # -- Markdown ------------------------------------------------------------------------------------
@@ -617,6 +641,7 @@ def _md_provenance(p: Provenance) -> list[str]:
         f"- seeds: {', '.join(map(str, p.seeds))} ({len(p.seeds)} per design)",
         f"- gemfs version: {version}",
         f"- workload file: `{p.workload_file}`",
+        f"- driver policy: {_policies(p) if p.driver_policies else 'not in the records'}",
         "",
     ]
     if not p.cost_tables:

@@ -134,8 +134,15 @@ class Stack:
         gem_migratetype: MigrateType | None = None,
         allow_uids: Sequence[int] = (),
         driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+        movablecore: str | None = None,
+        confine_granule: str | None = None,
     ) -> None:
         self.driver_policy = driver_policy
+        # the regions of longterm-pin and confine: options of the mount this stack starts
+        self.region_args = [
+            *([f"--movablecore={movablecore}"] if movablecore is not None else []),
+            *([f"--confine-granule={confine_granule}"] if confine_granule is not None else []),
+        ]
         self.design = design
         self.allow_uids = list(allow_uids)
         self.workdir = Path(tempfile.mkdtemp(prefix="gemfs-stack-"))
@@ -190,6 +197,7 @@ class Stack:
                     "--log",
                     str(self.workdir / "mount.log"),
                     *[f"--allow-uid={u}" for u in self.allow_uids],
+                    *self.region_args,
                 ],
                 capture_output=True,
                 text=True,
@@ -394,6 +402,8 @@ class StackBackend:
             model_clock=True,
             gem_migratetype=workload.gem_migratetype,
             driver_policy=workload.driver_policy,
+            movablecore=workload.movablecore,
+            confine_granule=workload.confine_granule,
         )
         self.core, self.drv = self.stack.core, self.stack.drv
         self.mountpoint = self.stack.mountpoint

@@ -17,6 +17,12 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
     policy = "i915-2016"            #   the migrate callback: wait-idle (default) | i915-2016 |
                                     #   per-page-flush (sets flush_page_us unless [costs] does)
 
+    [design]                        # optional: the regions of two designs (gemfs/mm/region.py)
+    movablecore = "50%"             #   longterm-pin: the movable region, a size or a share of
+                                    #   the pool (movablecore=); default 50%
+    confine_granule = "8MiB"        #   confine: the step its region grows and shrinks by, a
+                                    #   multiple of 4MiB; default 1GiB, or pool/32 when smaller
+
     [compactor]                     # kcompactd's settings (all optional)
     proactiveness = 20              # 0..100 (vm.compaction_proactiveness); 0: none
     interval_ms = 500               # how often it wakes
@@ -107,6 +113,7 @@ from gemfs.mm.contig import MAX_CONTIG_ORDER
 from gemfs.mm.costs import CostTable
 from gemfs.mm.page_alloc import AllocKind
 from gemfs.mm.pool import check_pool_size
+from gemfs.mm.region import confine_granule_pages, movablecore_pages
 from gemfs.mm.types import MAX_ORDER, PAGE_SIZE, MigrateType, format_size, parse_size
 
 I64 = npt.NDArray[np.int64]
@@ -351,6 +358,10 @@ class Workload:
     gem_migratetype: MigrateType | None = None
     # [driver] policy: what the driver's migrate callback does (driver.gem.DriverPolicy)
     driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE
+    # [design] movablecore / confine_granule: the regions of longterm-pin and confine
+    # (gemfs.mm.region; None: the default)
+    movablecore: str | None = None
+    confine_granule: str | None = None
 
     def with_driver_policy(self, policy: DriverPolicy) -> Workload:
         """The workload with another driver policy; the cost-table entries the policy implies
@@ -976,6 +987,7 @@ def workload_from_data(
             "compactor",
             "costs",
             "driver",
+            "design",
             "phase",
         )
     )
@@ -1016,6 +1028,23 @@ def workload_from_data(
             )
         if dt.has("policy"):
             policy = DriverPolicy.parse(dt.choice("policy", tuple(p.value for p in DriverPolicy)))
+    movablecore = confine_granule = None
+    if top.has("design"):
+        dz = top.table("design", "[design]")
+        dz.allow(("movablecore", "confine_granule"))
+        nr_pages = pool // PAGE_SIZE
+        if dz.has("movablecore"):
+            movablecore = dz.str_("movablecore")
+            try:
+                movablecore_pages(movablecore, nr_pages)
+            except ValueError as e:
+                raise dz.error("movablecore", str(e)) from None
+        if dz.has("confine_granule"):
+            confine_granule = dz.str_("confine_granule")
+            try:
+                confine_granule_pages(confine_granule, nr_pages)
+            except ValueError as e:
+                raise dz.error("confine_granule", str(e)) from None
     raw_phases = top.raw("phase")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise top.error("phase", "phase must be one or more [[phase]] tables")
@@ -1033,6 +1062,8 @@ def workload_from_data(
         phases=phases,
         costs=costs,
         gem_migratetype=gem_mt,
+        movablecore=movablecore,
+        confine_granule=confine_granule,
     ).with_driver_policy(policy)
 
 

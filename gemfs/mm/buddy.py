@@ -5,6 +5,15 @@ heads' ``owner`` (prev) and ``index`` (next) fields. Allocation takes the list h
 with the buddy while it is free and of the same order. When a migrate type runs dry the allocator
 falls back to other types in Linux's order and may steal the whole pageblock
 (``steal_suitable_fallback``): that is how mixed pageblocks, and with them fragmentation, arise.
+
+Zones: a ``fence`` (a multiple of the largest block) may split the pool in two, like
+ZONE_NORMAL below ZONE_MOVABLE. Frames from the fence up are zone 1, which only MOVABLE requests
+may use; zone 0 serves every type. Each zone has its own free lists (list slot ``mt + 3 * zone``);
+``nr_free[order][mt]`` counts both zones. A MOVABLE request tries zone 1 first and then zone 0,
+as the kernel's zonelist tries ZONE_MOVABLE before ZONE_NORMAL; fallback and pageblock stealing
+stay within one zone. Without a fence (``fence == nr_pages``) everything is zone 0, as before.
+The longterm-pin design puts its movable region above the fence; the confine design puts its
+confined region below it and moves the fence (:meth:`BuddyAllocator.set_fence`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from gemfs.mm.pool import (
 )
 from gemfs.mm.types import (
     FALLBACKS,
+    MAX_BLOCK_PAGES,
     MAX_ORDER,
     NR_MIGRATETYPES,
     NR_ORDERS,
@@ -48,12 +58,20 @@ def can_steal_fallback(order: int, start_mt: MigrateType) -> bool:
     return order >= PAGEBLOCK_ORDER // 2 or start_mt != MigrateType.MOVABLE
 
 
+NR_ZONES = 2
+_ZONES_ANY = (0,)
+_ZONES_MOVABLE = (1, 0)  # ZONE_MOVABLE first, then ZONE_NORMAL
+
+
 class BuddyAllocator:
     def __init__(self, pool: PagePool) -> None:
         self.pool = pool
-        self.head = [[NIL] * NR_MIGRATETYPES for _ in range(NR_ORDERS)]
-        self.tail = [[NIL] * NR_MIGRATETYPES for _ in range(NR_ORDERS)]
+        slots = NR_MIGRATETYPES * NR_ZONES
+        self.head = [[NIL] * slots for _ in range(NR_ORDERS)]
+        self.tail = [[NIL] * slots for _ in range(NR_ORDERS)]
         self.nr_free = [[0] * NR_MIGRATETYPES for _ in range(NR_ORDERS)]
+        self.slot_free = [[0] * slots for _ in range(NR_ORDERS)]  # per zone
+        self.fence = pool.nr_pages  # frames from here up: zone 1 (MOVABLE requests only)
         self.free_pages = 0
         self.steals = 0  # pageblocks whose type a fallback changed
         self.fallbacks = 0  # allocations served from another type's list
@@ -76,41 +94,45 @@ class BuddyAllocator:
         prev_, next_ = self._prev, self._next
         self._flags[pfn] = PG_FREE | PG_BUDDY | (mt << PG_MT_SHIFT)
         self._order[pfn] = order
-        if tail and self.tail[order][mt] != NIL:
-            last = self.tail[order][mt]
+        slot = mt + NR_MIGRATETYPES if pfn >= self.fence else mt
+        if tail and self.tail[order][slot] != NIL:
+            last = self.tail[order][slot]
             next_[last] = pfn
             prev_[pfn] = last
             next_[pfn] = NIL
-            self.tail[order][mt] = pfn
+            self.tail[order][slot] = pfn
         else:
-            first = self.head[order][mt]
+            first = self.head[order][slot]
             next_[pfn] = first
             prev_[pfn] = NIL
             if first != NIL:
                 prev_[first] = pfn
             else:
-                self.tail[order][mt] = pfn
-            self.head[order][mt] = pfn
+                self.tail[order][slot] = pfn
+            self.head[order][slot] = pfn
         self.nr_free[order][mt] += 1
+        self.slot_free[order][slot] += 1
 
     def _del(self, pfn: int) -> tuple[int, int]:
         """Take a free head off its list; returns (order, mt). Frames keep PG_FREE."""
         prev_, next_ = self._prev, self._next
         order = self._order[pfn]
         mt = (self._flags[pfn] & PG_MT_MASK) >> PG_MT_SHIFT
+        slot = mt + NR_MIGRATETYPES if pfn >= self.fence else mt
         prev, nxt = prev_[pfn], next_[pfn]
         if prev != NIL:
             next_[prev] = nxt
         else:
-            self.head[order][mt] = nxt
+            self.head[order][slot] = nxt
         if nxt != NIL:
             prev_[nxt] = prev
         else:
-            self.tail[order][mt] = prev
+            self.tail[order][slot] = prev
         self._flags[pfn] = PG_FREE
         prev_[pfn] = OWNER_NONE
         next_[pfn] = NIL
         self.nr_free[order][mt] -= 1
+        self.slot_free[order][slot] -= 1
         return order, mt
 
     def _expand(self, pfn: int, low: int, high: int, mt: int) -> None:
@@ -127,23 +149,58 @@ class BuddyAllocator:
         self.free_pages -= n
 
     # -- allocation -------------------------------------------------------------------------
-    def _rmqueue_smallest(self, order: int, mt: int) -> int:
+    def zones_for(self, mt: MigrateType) -> tuple[int, ...]:
+        """The zones a request of this type may use, in the order it tries them."""
+        if self.fence < self.pool.nr_pages and mt == MigrateType.MOVABLE:
+            return _ZONES_MOVABLE
+        return _ZONES_ANY
+
+    def zone_free_pages(self, zone: int) -> int:
+        base = NR_MIGRATETYPES * zone
+        return sum(
+            sum(self.slot_free[o][base : base + NR_MIGRATETYPES]) << o for o in range(NR_ORDERS)
+        )
+
+    def set_fence(self, fence: int) -> None:
+        """Move the zone boundary to ``fence`` (a multiple of the largest block). The free
+        blocks between the old and the new fence change lists; frames that become zone 1 have
+        their pageblocks made MOVABLE (the caller makes sure no other type is allocated there)."""
+        p = self.pool
+        if fence % MAX_BLOCK_PAGES or not 0 <= fence <= p.nr_pages:
+            raise ValueError(f"fence {fence} is not a multiple of {MAX_BLOCK_PAGES} in the pool")
+        old = self.fence
+        lo, hi = min(old, fence), max(old, fence)
+        heads = (np.flatnonzero(p.flags[lo:hi] & PG_BUDDY) + lo).tolist()
+        moved = [(h, *self._del(h)) for h in heads]
+        self.fence = fence
+        if fence < old:
+            first, last = lo >> PAGEBLOCK_ORDER, hi >> PAGEBLOCK_ORDER
+            p.pageblock_mt[first:last] = MigrateType.MOVABLE
+            p.pb_dirty[first:last] = True
+        for h, order, mt in moved:
+            self._add(h, order, MigrateType.MOVABLE if fence < old else mt, tail=True)
+
+    def _rmqueue_smallest(self, order: int, mt: int, zone: int = 0) -> int:
+        slot = mt + NR_MIGRATETYPES * zone
         for o in range(order, NR_ORDERS):
-            pfn = self.head[o][mt]
+            pfn = self.head[o][slot]
             if pfn != NIL:
                 self._del(pfn)
                 self._expand(pfn, order, o, mt)
                 return pfn
         return NIL
 
-    def _find_suitable_fallback(self, order: int, start_mt: MigrateType) -> tuple[int, bool]:
+    def _find_suitable_fallback(
+        self, order: int, start_mt: MigrateType, zone: int = 0
+    ) -> tuple[int, bool]:
+        base = NR_MIGRATETYPES * zone
         for fmt in FALLBACKS[start_mt]:
-            if self.head[order][fmt] != NIL:
+            if self.head[order][fmt + base] != NIL:
                 return int(fmt), can_steal_fallback(order, start_mt)
         return NIL, False
 
     def _rmqueue_fallback(
-        self, order: int, start_mt: MigrateType, nofragment: bool = False
+        self, order: int, start_mt: MigrateType, nofragment: bool = False, zone: int = 0
     ) -> bool:
         """__rmqueue_fallback(): move a block of another type to start_mt's lists.
 
@@ -155,7 +212,7 @@ class BuddyAllocator:
         current = MAX_ORDER
         lowest = max(order, PAGEBLOCK_ORDER) if nofragment else order
         while current >= lowest:
-            found, can_steal = self._find_suitable_fallback(current, start_mt)
+            found, can_steal = self._find_suitable_fallback(current, start_mt, zone)
             if found != NIL:
                 if not can_steal and start_mt == MigrateType.MOVABLE and current > order:
                     found = NIL  # don't break up a large block for a movable request
@@ -165,12 +222,12 @@ class BuddyAllocator:
             return False
         if found == NIL:  # find_smallest
             for current in range(order, NR_ORDERS):
-                found, can_steal = self._find_suitable_fallback(current, start_mt)
+                found, can_steal = self._find_suitable_fallback(current, start_mt, zone)
                 if found != NIL:
                     break
         if found == NIL:
             return False
-        pfn = self.head[current][found]
+        pfn = self.head[current][found + NR_MIGRATETYPES * zone]
         self._steal_suitable_fallback(pfn, current, start_mt, can_steal)
         self.fallbacks += 1
         if self.tracer is not None:
@@ -221,40 +278,68 @@ class BuddyAllocator:
         movable = int(np.count_nonzero((fl & (PG_ALLOC | PG_MT_MASK)) == movable_bits))
         return free_pages, movable
 
-    def alloc(self, order: int, mt: MigrateType, *, nofragment: bool = False) -> int:
-        """Allocate one block of 2**order frames (__rmqueue); raise OutOfMemory."""
+    def alloc(
+        self,
+        order: int,
+        mt: MigrateType,
+        *,
+        nofragment: bool = False,
+        zones: tuple[int, ...] | None = None,
+    ) -> int:
+        """Allocate one block of 2**order frames (__rmqueue, zone by zone); raise OutOfMemory.
+
+        ``zones``: the zones to try, in order (default: those the type may use)."""
         if not 0 <= order <= MAX_ORDER:
             raise ValueError(f"order {order} out of range 0..{MAX_ORDER}")
-        pfn = self._rmqueue_smallest(order, mt)
-        while pfn == NIL:
-            if not self._rmqueue_fallback(order, mt, nofragment):
-                raise OutOfMemory(f"no free block of order {order}")
-            pfn = self._rmqueue_smallest(order, mt)
+        pfn = NIL
+        for zone in self.zones_for(mt) if zones is None else zones:
+            pfn = self._rmqueue_smallest(order, mt, zone)
+            while pfn == NIL:
+                if not self._rmqueue_fallback(order, mt, nofragment, zone):
+                    break
+                pfn = self._rmqueue_smallest(order, mt, zone)
+            if pfn != NIL:
+                break
+        if pfn == NIL:
+            raise OutOfMemory(f"no free block of order {order}")
         self._mark_allocated(pfn, 1 << order, mt)
         if self.tracer is not None:
             self.tracer.mm_page_alloc(pfn, order, mt)
         return pfn
 
-    def alloc_bulk(self, nr_pages: int, mt: MigrateType, *, nofragment: bool = False) -> I64:
+    def alloc_bulk(
+        self,
+        nr_pages: int,
+        mt: MigrateType,
+        *,
+        nofragment: bool = False,
+        zones: tuple[int, ...] | None = None,
+    ) -> I64:
         """Allocate nr_pages order-0 pages as a run of single-page requests would get them.
 
         Repeated order-0 requests consume the smallest free block first and walk it upward;
-        this takes those blocks whole, vectorized, with the same fallback and stealing rules.
-        On failure nothing stays allocated.
+        this takes those blocks whole, vectorized, with the same fallback and stealing rules,
+        zone after zone (``zones`` as for :meth:`alloc`). On failure nothing stays allocated.
         """
         out: list[I64] = []
         got = 0
+        zone_list = self.zones_for(mt) if zones is None else zones
+        zi = 0
         try:
             while got < nr_pages:
                 need = nr_pages - got
                 pfn, order = NIL, 0
+                zone = zone_list[zi]
+                slot = int(mt) + NR_MIGRATETYPES * zone
                 for o in range(NR_ORDERS):
-                    if self.head[o][mt] != NIL:
-                        pfn, order = self.head[o][mt], o
+                    if self.head[o][slot] != NIL:
+                        pfn, order = self.head[o][slot], o
                         break
                 if pfn == NIL:
-                    if not self._rmqueue_fallback(0, mt, nofragment):
-                        raise OutOfMemory(f"pool full: {need} more pages wanted")
+                    if not self._rmqueue_fallback(0, mt, nofragment, zone):
+                        zi += 1
+                        if zi == len(zone_list):
+                            raise OutOfMemory(f"pool full: {need} more pages wanted")
                     continue
                 self._del(pfn)
                 take = min(need, 1 << order)

@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from gemfs.mm import page_alloc
+from gemfs.mm import page_alloc, region
 from gemfs.mm.buddy import BuddyAllocator
 from gemfs.mm.compaction import (
     Batch,
@@ -37,6 +37,7 @@ from gemfs.mm.pool import (
     PG_ALLOC,
     PG_FREE,
     PG_ISOLATED,
+    PG_MT_MASK,
     PG_MT_SHIFT,
     PG_OBJECT,
     PG_TARGET,
@@ -154,7 +155,12 @@ class MemoryManager:
         design: Design | str = Design.SHMEM_HOOK,
         costs: CostTable | None = None,
         content: bool = True,
+        movablecore: str | None = None,
+        confine_granule: str | None = None,
     ) -> None:
+        """``movablecore``: longterm-pin's movable region (a size or a share of the pool);
+        ``confine_granule``: the step confine's region grows and shrinks by (see
+        :mod:`gemfs.mm.region` for both defaults). Bad values: ValueError."""
         self.design = Design.parse(design) if isinstance(design, str) else design
         self.pool = PagePool(size, content=content)
         self.buddy = BuddyAllocator(self.pool)
@@ -195,6 +201,12 @@ class MemoryManager:
         self.pb_counts: PageblockCounts | None = None
         if self.design is Design.ILLUMINATOR:
             self.pb_counts = PageblockCounts(self.pool.nr_pageblocks)
+        # longterm-pin and confine: a fence in the buddy, moved pages at pin time (region.py)
+        try:
+            self.region = region.setup(self, movablecore, confine_granule)
+        except ValueError:
+            self.pool.close()
+            raise
 
     @property
     def tracer(self) -> Tracer | None:
@@ -286,6 +298,12 @@ class MemoryManager:
         self.pool.pin[pfns] = 0
         self.buddy.free_pfns(pfns)
         self.vmstat.inc("pgfree", len(pfns))
+        if self.region is not None and len(pfns):
+            region.confine_maybe_shrink(self, int(pfns.min()), int(pfns.max()) + 1)
+
+    def current_task(self) -> Task:
+        """The task costs go to now: the allocating task inside an allocation, else a new one."""
+        return self._task or Task(self.clock.now)
 
     def populate(self, obj: GemObject, start: int, count: int, *, zero: bool = True) -> I64:
         """Give pages [start, start+count) frames (zeroed) where they have none; return frames.
@@ -321,7 +339,10 @@ class MemoryManager:
         return seg
 
     def _alloc_bulk(self, nr_pages: int, mt: MigrateType) -> I64:
-        """Order-0 pages from the buddy; when it has too few, reclaim (the shrinkers) once."""
+        """Order-0 pages from the buddy; when it has too few, reclaim (the shrinkers) once.
+        Under confine a non-movable request that finds the region full grows it first."""
+        if self.region is not None and self.region.confine and mt != MigrateType.MOVABLE:
+            return self._confined(lambda: self.buddy.alloc_bulk(nr_pages, mt))
         if self.defrag_mode:
             return self._defrag_alloc(lambda nf: self.buddy.alloc_bulk(nr_pages, mt, nofragment=nf))
         try:
@@ -330,6 +351,15 @@ class MemoryManager:
             if self.shrink_slab(nr_pages - self.buddy.free_pages) == 0:
                 raise
         return self.buddy.alloc_bulk(nr_pages, mt)
+
+    def _confined(self, alloc: Callable[[], T]) -> T:
+        """confine: a non-movable allocation; while the region is full, grow it."""
+        while True:
+            try:
+                return alloc()
+            except OutOfMemory:
+                if not region.confine_grow(self):
+                    raise
 
     def _defrag_alloc(self, alloc: Callable[[bool], T]) -> T:
         """vm.defrag_mode's slow path for a request below pageblock order: ALLOC_NOFRAGMENT
@@ -492,6 +522,9 @@ class MemoryManager:
     def pin(self, obj: GemObject, start: int, count: int) -> I64:
         """Pin pages [start, start+count) (allocating missing ones); returns their frames."""
         pfns = self.populate(obj, start, count)
+        if self.region is not None:  # move-then-pin, as hold()
+            region.pin_migrate(self, obj, start, np.ones(len(pfns), dtype=np.bool_))
+            pfns = obj.pages[start : start + count]
         self.pin_pages(pfns)
         return pfns
 
@@ -543,6 +576,9 @@ class MemoryManager:
         pfns = self.populate(obj, start, count)
         h = self.pins.holds(owner, obj.id, max(end, len(obj.pages)))
         new = ~h.held[start:end]
+        if self.region is not None:  # move-then-pin (FOLL_LONGTERM): out of the movable part
+            region.pin_migrate(self, obj, start, new)
+            pfns = obj.pages[start:end]
         self.pin_pages(pfns[new])
         h.held[start:end] = True
         back = new & h.invalidated[start:end]
@@ -598,6 +634,8 @@ class MemoryManager:
     def alloc_kernel(self, order: int, mt: MigrateType) -> int:
         if self.defrag_mode and order < PAGEBLOCK_ORDER:
             pfn = self._defrag_alloc(lambda nf: self.buddy.alloc(order, mt, nofragment=nf))
+        elif self.region is not None and self.region.confine and mt != MigrateType.MOVABLE:
+            pfn = self._confined(lambda: self.buddy.alloc(order, mt))
         else:
             pfn = self.buddy.alloc(order, mt)
         self.pool.owner[pfn : pfn + (1 << order)] = OWNER_KERNEL
@@ -618,6 +656,8 @@ class MemoryManager:
             self.tracer.mm_page_free(pfn, order)
         self.buddy.free_pfns(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
         self.vmstat.inc("pgfree", 1 << order)
+        if self.region is not None:
+            region.confine_maybe_shrink(self, pfn, pfn + (1 << order))
 
     # -- migration mechanism ----------------------------------------------------------------
     def owner_of(self, obj: GemObject) -> tuple[Owner | None, bool]:
@@ -718,6 +758,11 @@ class MemoryManager:
         dst_ok = inrange & ((p.flags[d_c] & (PG_FREE | PG_TARGET)) == PG_FREE)
         self.vmstat.inc("pgmigrate_stale_src", int(np.count_nonzero(~src_ok)))
         self.vmstat.inc("pgmigrate_stale_dst", int(np.count_nonzero(src_ok & ~dst_ok)))
+        if self.region is not None:  # above the fence only MOVABLE pages may live
+            movable = (p.flags[s_c] & PG_MT_MASK) == (int(MigrateType.MOVABLE) << PG_MT_SHIFT)
+            zone_ok = (d_c < self.buddy.fence) | movable
+            self.vmstat.inc("pgmigrate_wrong_zone", int(np.count_nonzero(src_ok & ~zone_ok)))
+            dst_ok &= zone_ok
         valid = src_ok & dst_ok & _first_occurrence(s_c) & _first_occurrence(d_c)
         self.buddy.isolate_free(dst[valid])
         self.vmstat.inc("compact_isolated", int(np.count_nonzero(valid)))
@@ -1074,6 +1119,8 @@ class MemoryManager:
                 np.add.at(want_kernel, np.arange(pfn, pfn + (1 << o)) >> PAGEBLOCK_ORDER, 1)
             assert np.array_equal(self.pb_counts.unmovable, want_kernel), "kernel counts drifted"
 
+        if self.region is not None:
+            region.check(self)
         if self.ttm is not None:
             pooled = self.ttm.pooled()
             assert sum(1 << o for _, o in pooled) == self.ttm.pooled_pages, "TTM pool drifted"

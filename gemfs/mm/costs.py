@@ -129,6 +129,14 @@ class Ledger:
     refusals: int = 0  # -EAGAIN answers (attempts)
     repinned_pages: int = 0
     refaulted_pages: int = 0
+    # longterm-pin / confine (gemfs.mm.region): pages moved before a long-term pin
+    # (MR_LONGTERM_PIN) and what it cost; pages evacuated when confine's region grew
+    pin_migrated_pages: int = 0
+    pin_migration_us: float = 0.0
+    evacuated_pages: int = 0
+    evacuation_us: float = 0.0
+    region_grows: int = 0
+    region_shrinks: int = 0
     _refused: set[int] = field(default_factory=set)
 
     def refuse(self, obj_ids: I64, idx: I64) -> None:
@@ -157,6 +165,12 @@ class Ledger:
             "refusals": self.refusals,
             "repinned_pages": self.repinned_pages,
             "refaulted_pages": self.refaulted_pages,
+            "pin_migrated_pages": self.pin_migrated_pages,
+            "pin_migration_ms": round(self.pin_migration_us / 1000, 6),
+            "evacuated_pages": self.evacuated_pages,
+            "evacuation_ms": round(self.evacuation_us / 1000, 6),
+            "region_grows": self.region_grows,
+            "region_shrinks": self.region_shrinks,
         }
 
 

@@ -73,6 +73,8 @@ class Design(enum.StrEnum):
     PINNED_IN_MOVABLE = "pinned-in-movable"  # pins in MOVABLE blocks (userptr, no LONGTERM)
     ILLUMINATOR = "illuminator"  # pinned (i915) + compaction skips blocks it cannot empty
     DEFRAG_MODE = "defrag-mode"  # pinned (i915) + vm.defrag_mode (6.15) in the allocator
+    LONGTERM_PIN = "longterm-pin"  # pins in movable memory, moved out of ZONE_MOVABLE first
+    CONFINE = "confine"  # pinned (i915) + non-movable memory confined to a resizable region
     SHMEM_HOOK = "shmem-hook"
     GEMFS = "gemfs"
     NOTIFIER = "notifier"
@@ -91,10 +93,18 @@ class Design(enum.StrEnum):
         return self in (Design.SHMEM_HOOK, Design.GEMFS, Design.NOTIFIER)
 
     @property
+    def has_region(self) -> bool:
+        """Is the pool split at a fence into a part any allocation may use and a part only
+        movable ones may (longterm-pin: ZONE_MOVABLE; confine: outside the confined region)?"""
+        return self in (Design.LONGTERM_PIN, Design.CONFINE)
+
+    @property
     def gem_migratetype(self) -> MigrateType:
-        """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator and
-        defrag-mode, which change compaction and the allocator only), drm_gem_shmem and TTM
-        UNMOVABLE, MOVABLE for pins in movable blocks and under the proposals."""
+        """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator,
+        defrag-mode and confine, which change compaction or the allocator only), drm_gem_shmem
+        and TTM UNMOVABLE, MOVABLE for pins in movable memory (pinned-in-movable, and
+        longterm-pin, which moves them out of the movable region when it pins them) and under
+        the proposals."""
         return _GEM_MIGRATETYPE.get(self, MigrateType.MOVABLE)
 
 
@@ -105,6 +115,7 @@ _GEM_MIGRATETYPE = {
     Design.PINNED_IN_MOVABLE: MigrateType.MOVABLE,
     Design.ILLUMINATOR: MigrateType.RECLAIMABLE,
     Design.DEFRAG_MODE: MigrateType.RECLAIMABLE,
+    Design.CONFINE: MigrateType.RECLAIMABLE,
 }
 
 
