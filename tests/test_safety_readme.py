@@ -36,7 +36,7 @@ def buddyinfo(line: str) -> list[int]:
 @pytest.mark.skipif(shutil.which("getfattr") is None, reason="getfattr (attr) is not installed")
 def test_readme_session_fragments_and_compacts_through_the_driver(tmp_path: Path) -> None:
     script = using_it_session()
-    gemfs = f"{shlex.quote(sys.executable)} -m gemfs"
+    gemfs = f"{shlex.quote(sys.executable)} -m gemfs_cli"
     for old, new in (
         ("/tmp/gem.sock", tmp_path / "gem.sock"),
         ("/tmp/i915.sock", tmp_path / "i915.sock"),
