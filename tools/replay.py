@@ -876,7 +876,7 @@ def gpu_line(r: ReplayResult) -> str:
         f"GPU pages under {r.design}: {g['objects']:.0f} objects ({g['objects_with_pages']:.0f} "
         f"with pages found), {g['pages']:.0f} pages, {mt} pageblocks, pinned while used; the "
         f"core {who}. At the end {g['pages_at_end']:.0f} resident, {g['pinned_at_end']:.0f} "
-        f"pinned; moved with the driver's consent {g['pages_moved_by_driver']:.0f}, callbacks "
+        f"pinned; moved and re-pinned by the driver {g['pages_moved_by_driver']:.0f}, callbacks "
         f"{g['callbacks']:.0f}, invalidations {g['invalidations']:.0f}, refusals "
         f"{g['refusals']:.0f}; cost {g['migration_ms']:.3f} ms migration, "
         f"{g['gpu_stall_ms']:.3f} ms GPU stall"
@@ -893,7 +893,7 @@ def compare_designs(results: Sequence[ReplayResult]) -> list[str]:
     lines = [
         "designs compared (same trace, model at the last sample; kernel: what the trace shows):",
         f"{'design':<18} {'2MiB free':>9} {'kernel':>6} {'mixed':>5} {'extfrag':>7} "
-        f"{'choices differ':>14} {'gpu pinned':>10} {'gpu moved':>9} {'migr ms':>8} "
+        f"{'choices differ':>14} {'gpu pinned':>10} {'re-pinned':>9} {'migr ms':>8} "
         f"{'stall ms':>8}",
     ]
     for r in results:
