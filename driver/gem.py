@@ -164,6 +164,28 @@ class GemDriver:
         o.bound = True
         o.mapped = bool(np.all(o.gtt >= 0))
 
+    def extend(self, o: DriverObject, start: int, pfns: I64) -> None:
+        """Pages [start, start + len(pfns)) joined the object after its creation, already pinned
+        by the core for the driver: map them in the GTT (growing the object as needed).
+
+        Used where the object's pages arrive one allocation at a time, as a replayed kernel
+        trace shows them (tools/replay.py). Nothing was written through the GTT: the content
+        checksum is not taken (it would cost the whole object per allocation); such objects
+        run no batches."""
+        end = start + len(pfns)
+        if end > o.nr_pages:
+            gtt = np.full(end, -1, np.int64)
+            gtt[: o.nr_pages] = o.gtt
+            o.gtt, o.nr_pages = gtt, end
+        o.gtt[start:end] = pfns
+        o.bound = True
+        o.mapped = bool(np.all(o.gtt >= 0))
+
+    def forget(self, o: DriverObject, start: int, count: int) -> None:
+        """Pages [start, start+count) left the object (the core freed them): unmap them."""
+        o.gtt[start : start + count] = -1
+        o.mapped = False
+
     def unbind(self, o: DriverObject) -> I64:
         """Drop the GTT; return the frames whose pins the caller must release."""
         held = o.gtt[o.gtt >= 0].copy()

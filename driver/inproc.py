@@ -65,6 +65,13 @@ class InprocDriver:
         self.gem.remove_object(o.id)
         self.mm.destroy_object(obj)
 
+    def adopt(self, o: DriverObject, start: int, count: int) -> None:
+        """The object's pages [start, start+count) have frames now (the core gave them outside
+        a create: a replayed trace's allocations): the driver pins them and maps them in its
+        GTT, as i915's get_pages and TTM's populate do for the pages they allocate."""
+        obj = self.mm.get(o.id)
+        self.gem.extend(o, start, self.mm.hold(self, obj, start, count))
+
     def bind(self, o: DriverObject) -> None:
         if not self.gem.needs_bind(o):
             return

@@ -15,7 +15,8 @@ reads through them, and a cached copy would double the object's memory). Writeba
 off: a write that does not fit the pool must fail with ENOSPC in the writer's own write(2).
 
 ``.gemfs`` at the root is this pool's /proc: stats files in the kernel's formats and writable
-knobs, all served with ``direct_io`` so every read shows the current state.
+knobs, all served with ``direct_io`` so every read shows the current state; ``trace_pipe`` reads
+like the kernel's: it consumes, and waits when nothing is new (``_read_pipe``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class ProcFile:
     perm: int
     show: Callable[[], str] | None = None
     store: Callable[[str], Awaitable[None]] | None = None
+    stream: bool = False
+    """A pipe (trace_pipe): reads consume ``show``'s text whatever the offset, and a read that
+    finds nothing waits for more (EAGAIN if opened O_NONBLOCK); not seekable."""
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +102,7 @@ class Handle:
     inode: Inode
     uid: int = 0  # who opened it: a write through it by anyone but root drops set-uid bits
     text: bytes = b""  # .gemfs file: the rendering being read
+    nonblock: bool = False  # opened O_NONBLOCK: a pipe read that finds nothing gives EAGAIN
     entries: list[tuple[bytes, int]] | None = None  # directory: listing being read
 
 
@@ -176,6 +181,8 @@ class GemFS(pyfuse3.Operations):
             [pyfuse3.ReaddirToken, bytes, pyfuse3.EntryAttributes, int], bool
         ] = pyfuse3.readdir_reply
         self._next_ino = ROOT_INODE
+        self._trace_waiters: list[trio.Event] = []
+        self._pipe_text = b""  # taken from the tracer, not yet read
         self._next_fh = 1
         root = self._new_inode(Kind.DIR, stat.S_IFDIR | 0o755, self.uid, self.gid, None, b"")
         root.parent = ROOT_INODE
@@ -206,7 +213,7 @@ class GemFS(pyfuse3.Operations):
         async def store_extfrag_threshold(text: str) -> None:
             mm.extfrag_threshold = procfs.parse_int(text, 0, 1000)
 
-        pipe = procfs.TracePipe(mm)
+        pipe = self.trace_pipe = procfs.TracePipe(mm)
 
         async def store_tracing_on(text: str) -> None:
             pipe.store_on(text)
@@ -234,7 +241,7 @@ class GemFS(pyfuse3.Operations):
                 store=store_extfrag_threshold,
             ),
             ProcFile("tracing_on", 0o644, show=pipe.show_on, store=store_tracing_on),
-            ProcFile("trace_pipe", 0o444, show=pipe.take),
+            ProcFile("trace_pipe", 0o444, show=pipe.take, stream=True),
         ]
         if test_faults:
             files.append(ProcFile("inject_fault", 0o200, store=self._store_fault))
@@ -446,7 +453,8 @@ class GemFS(pyfuse3.Operations):
 
     def _file_info(self, fh: int, inode: Inode, flags: int) -> pyfuse3.FileInfo:
         if inode.kind is Kind.PROC:
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            stream = inode.proc is not None and inode.proc.stream
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=stream)
         # The page cache stays valid across opens: only this file system changes the frames'
         # content, and whoever else does (the GPU) invalidates explicitly.
         # A write-only handle bypasses the cache: nobody reads through it, so caching what it
@@ -686,7 +694,9 @@ class GemFS(pyfuse3.Operations):
             # truncate(2), it updates mtime and ctime and drops set-uid bits of others' files).
             mode = _kill_suid(node.mode, None) if ctx.uid != 0 else None
             await self._setattr_waiting(node, SetAttrs(size=0, mode=mode))
-        return self._file_info(self._open_handle(node, ctx.uid), node, flags)
+        fh = self._open_handle(node, ctx.uid)
+        self.handles[fh].nonblock = bool(flags & os.O_NONBLOCK)
+        return self._file_info(fh, node, flags)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -699,9 +709,51 @@ class GemFS(pyfuse3.Operations):
         proc = h.inode.proc
         if proc is None or proc.show is None:
             raise _err(errno.EBADF)
+        if proc.stream:
+            return await self._read_pipe(h, proc.show, size)
         if off == 0 or not h.text:  # like seq_file: render afresh when read from the start
             h.text = proc.show().encode()
         return h.text[off : off + size]
+
+    async def _read_pipe(self, h: Handle, take: Callable[[], str], size: int) -> bytes:
+        """trace_pipe's read: what is new, at most ``size`` bytes (the rest stays with the pipe
+        for whichever handle reads next); when nothing is, EAGAIN for an O_NONBLOCK open, else
+        wait for the next line. The wait is this request's task only: pyfuse3 serves the
+        others meanwhile (up to FUSE_MAX_TASKS at once). pyfuse3 does not pass FUSE_INTERRUPT
+        on, so a reader that catches its signals waits on; a killed one is gone, and the lines
+        this read then takes are lost with it (the kernel's trace_pipe consumes the same way)."""
+        while not self._pipe_text:
+            self._pipe_text = take().encode()
+            if self._pipe_text:
+                break
+            if h.nonblock:
+                raise _err(errno.EAGAIN)
+            await self._trace_wait()
+        out, self._pipe_text = self._pipe_text[:size], self._pipe_text[size:]
+        return out
+
+    async def _trace_wait(self) -> None:
+        """Until the tracer makes a line (called from the model, possibly in a worker thread:
+        the wake-up goes through the trio token)."""
+        pipe = self.trace_pipe
+        ready = trio.Event()
+        self._trace_waiters.append(ready)
+        token = trio.lowlevel.current_trio_token()
+        pipe.notify = lambda: token.run_sync_soon(self._wake_trace_readers, idempotent=True)
+        try:
+            if not pipe.pending():  # (a line made before notify was set is not waited for)
+                await ready.wait()
+        finally:
+            if ready in self._trace_waiters:
+                self._trace_waiters.remove(ready)
+            if not self._trace_waiters:
+                pipe.notify = None
+
+    def _wake_trace_readers(self) -> None:
+        waiters, self._trace_waiters = self._trace_waiters, []
+        self.trace_pipe.notify = None
+        for ready in waiters:
+            ready.set()
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

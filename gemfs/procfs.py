@@ -8,7 +8,7 @@ the text for tests and tools that read a mount.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,13 +143,15 @@ class TracePipe:
     Writing 1 to tracing_on gives the pool a :class:`gemfs.mm.trace.Tracer` (0 takes it away);
     reading trace_pipe consumes what was traced since the last read, in the kernel's text
     format, with a ``CPU:0 [LOST N EVENTS]`` line where the bounded buffer overwrote lines
-    before anyone read them. Unlike the kernel's, a read finds the end of the file instead of
-    blocking when nothing is new (read it again, or in a loop)."""
+    before anyone read them. As with the kernel's, a read that finds nothing new waits for the
+    next line: that waiting is the FUSE adapter's (gemfs/fs.py); here ``notify``, when set, is
+    called on every line the tracer makes, so the adapter can wake its readers."""
 
     def __init__(self, mm: MemoryManager, capacity: int = 1 << 16) -> None:
         self.mm = mm
         self.capacity = capacity
         self.cursor = 0
+        self.notify: Callable[[], None] | None = None
 
     def show_on(self) -> str:
         return f"{int(self.mm.tracer is not None)}\n"
@@ -158,10 +160,21 @@ class TracePipe:
         on = parse_int(text, 0, 1)
         if on and self.mm.tracer is None:
             mm = self.mm
-            self.mm.tracer = Tracer(lambda: mm.clock.now, capacity=self.capacity)
+            tracer = Tracer(lambda: mm.clock.now, capacity=self.capacity)
+            tracer.sinks.append(self._line)
+            self.mm.tracer = tracer
             self.cursor = 0
         elif not on:
             self.mm.tracer = None
+
+    def _line(self, _line: str) -> None:
+        if self.notify is not None:
+            self.notify()
+
+    def pending(self) -> bool:
+        """Is there anything for a reader (lines, or a count of lost ones)?"""
+        tracer = self.mm.tracer
+        return tracer is not None and tracer.written > self.cursor
 
     def take(self) -> str:
         tracer = self.mm.tracer

@@ -525,3 +525,32 @@ def test_plugin_fixtures_are_documented(tmp_path: Path) -> None:
     out = res.stdout
     for text in ("gemfs_mount ", "gemfs_mount_factory ", "os.PathLike", "mount_gemfs", "log()"):
         assert text in out, out
+
+
+def test_trace_pipe_blocks_like_the_kernels(gemfs_mount: GemfsMount) -> None:
+    """A read of .gemfs/trace_pipe waits for the next line (other requests go on meanwhile);
+    opened O_NONBLOCK it answers EAGAIN instead."""
+    pipe = gemfs_mount.gemfs_dir / "trace_pipe"
+    gemfs_mount.write_knob("tracing_on", 1)
+    fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    got: list[bytes] = []
+    fd = os.open(pipe, os.O_RDONLY)
+    reader = threading.Thread(target=lambda: got.append(os.read(fd, 1 << 16)), daemon=True)
+    reader.start()
+    try:
+        reader.join(timeout=1.0)
+        assert reader.is_alive(), got  # waiting, not at the end of a file
+        # the waiting read holds one request; the mount answers others meanwhile
+        assert parse_buddyinfo(gemfs_mount.read_stat("buddyinfo"))
+        (gemfs_mount / "traced").write_bytes(bytes(3 * PAGE_SIZE))
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "the write did not wake the reader"
+    finally:
+        os.close(fd)
+    assert b"mm_page_alloc: page=" in got[0]
+    assert got[0].count(b"mm_page_alloc") >= 3

@@ -9,10 +9,15 @@ address) and the irq/preempt flags column (the model has no interrupts)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
+import pyfuse3
 import pytest
+import trio
+import trio.testing
 from click.testing import CliRunner
 
 from gemfs.fs import GemFS
@@ -20,7 +25,7 @@ from gemfs.mm.core import MemoryManager
 from gemfs.mm.trace import Tracer, hashed_pointer
 from gemfs.mm.types import MigrateMode, MigrateType
 from gemfs_cli.main import main
-from tests.test_fs_unit import create, read_proc, write_proc
+from tests.test_fs_unit import CTX, create, gemfs_file, read_proc, write_proc
 from tools.tracefile import parse_line, parse_trace
 
 GUEST_LINES = [
@@ -144,18 +149,51 @@ def test_tracer_buffer_is_bounded_and_counts_lost_lines() -> None:
     assert t.read(cursor) == ([], 5, 0)
 
 
-async def test_trace_pipe_on_the_mount() -> None:
+async def read_pipe(fs: GemFS, *, nonblock: bool = False, size: int = 1 << 20) -> str:
+    """One read(2) of trace_pipe (a pipe: reading until the end would never end)."""
+    node = await gemfs_file(fs, "trace_pipe")
+    flags = os.O_RDONLY | (os.O_NONBLOCK if nonblock else 0)
+    fi = await fs.open(node.ino, flags, CTX)
+    assert fi.direct_io
+    assert fi.nonseekable
+    try:
+        with trio.fail_after(60):  # (the mock clock: a read that never wakes fails at once)
+            return (await fs.read(fi.fh, 0, size)).decode()
+    finally:
+        await fs.release(fi.fh)
+
+
+async def test_trace_pipe_on_the_mount(autojump_clock: trio.testing.MockClock) -> None:
     mm = MemoryManager("8MiB")
     fs = GemFS(mm, uid=0, gid=0)
     assert await read_proc(fs, "tracing_on") == "0\n"
-    assert await read_proc(fs, "trace_pipe") == ""
+    with pytest.raises(pyfuse3.FUSEError) as info:  # nothing there, and O_NONBLOCK
+        await read_pipe(fs, nonblock=True)
+    assert info.value.errno == errno.EAGAIN
     await write_proc(fs, "tracing_on", "1")
     _, fh = await create(fs, b"traced")
     await fs.write(fh, 0, bytes(3 * 4096))
-    text = await read_proc(fs, "trace_pipe")
+    text = await read_pipe(fs)
     trace = parse_trace(text, "trace_pipe")
     assert trace.counts == {"mm_page_alloc": 3}
-    assert await read_proc(fs, "trace_pipe") == ""  # consumed, as the kernel's trace_pipe
+    # consumed, as the kernel's trace_pipe: a second read waits for the next line
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            got.append(await read_pipe(fs))
+
+        nursery.start_soon(reader)
+        await trio.sleep(5)  # (the mock clock: no real time)
+        assert got == []
+        await fs.write(fh, 3 * 4096, bytes(4096))
+    assert parse_trace(got[0], "trace_pipe").counts == {"mm_page_alloc": 1}
+    # a short read leaves the rest for the next one
+    await fs.write(fh, 4 * 4096, bytes(2 * 4096))
+    first = await read_pipe(fs, size=40)
+    rest = await read_pipe(fs)
+    assert len(first) == 40
+    assert parse_trace(first + rest, "trace_pipe").counts == {"mm_page_alloc": 2}
     await write_proc(fs, "tracing_on", "0")
     assert fs.mm.tracer is None
     mm.close()

@@ -49,9 +49,12 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from driver.gem import DriverObject
+from driver.inproc import InprocDriver
 from gemfs.mm.buddy import BuddyAllocator, largest_aligned_order
 from gemfs.mm.compaction import CompactionPolicy
 from gemfs.mm.core import MemoryManager
+from gemfs.mm.objects import GemObject
 from gemfs.mm.pool import (
     OWNER_KERNEL,
     OWNER_NONE,
@@ -72,6 +75,7 @@ from gemfs.mm.types import (
     MigrateType,
     OutOfMemory,
 )
+from tools.gpu_trace import GPU_CREATE, GPU_DESTROY, GpuAttribution, GpuBo
 from tools.tracefile import Event, Trace, TraceFormatError, Zone, pcp_pages
 
 Placement = Literal["kernel", "model"]
@@ -147,6 +151,9 @@ class ReplayResult:
     samples: list[Sample] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    gpu: dict[str, float] = field(default_factory=dict)
+    """GPU pages under this design: objects and pages found (tools/gpu_trace.py), where they
+    ended, and what the model's migrations of them cost (empty: the trace has no GPU events)."""
 
     @property
     def final(self) -> Sample:
@@ -232,6 +239,13 @@ class Replayer:
         self.events = [e for e in trace.events if self._mine(e)]
         self.mm = MemoryManager(self.nr * PAGE_SIZE, design=self.design)
         self.anon = self.mm.create_object(0, migratetype=MigrateType.MOVABLE, path="replay")
+        # GPU pages: found by tools/gpu_trace.py, owned by the driver (in process) under the
+        # design: its migrate type, its pins, and whether the core asks it before moving them
+        self.gpu = GpuAttribution()
+        self.driver = InprocDriver(self.mm, self.design)
+        self.gpu_objects: dict[int, tuple[GemObject, DriverObject]] = {}  # GpuBo.index ->
+        self.gpu_next: dict[int, int] = {}  # GpuBo.index -> next page index in the object
+        self.extents: list[tuple[GpuBo, int]] = []  # handle of a "g" block -> (bo, first index)
         self.next_slot = 0
         self.live: dict[int, tuple[str, int, int]] = {}  # kernel pfn -> (kind, handle, order)
         self.orphans: dict[int, deque[tuple[str, int]]] = {o: deque() for o in range(NR_ORDERS)}
@@ -406,8 +420,78 @@ class Replayer:
         obj.pages[slot : slot + n] = pfns
         return ("o", slot, order)
 
+    def _gpu_object(self, bo: GpuBo) -> tuple[GemObject, DriverObject]:
+        got = self.gpu_objects.get(bo.index)
+        if got is None:
+            o = self.driver.create(0, path=f"{bo.driver}:{bo.key}")
+            got = self.gpu_objects[bo.index] = (self.mm.get(o.id), o)
+        return got
+
+    def _gpu_attach(self, bo: GpuBo, pfn: int, order: int) -> tuple[str, int, int]:
+        """The frames [pfn, pfn + 2^order) are pages of GPU object ``bo``: the driver pins and
+        maps them (every design pins what the GPU uses; the design decides who may move it)."""
+        obj, o = self._gpu_object(bo)
+        n = 1 << order
+        slot = self.gpu_next.get(bo.index, 0)
+        self.gpu_next[bo.index] = slot + n
+        if len(obj.pages) < slot + n:
+            obj.pages.resize(max(slot + n, 2 * len(obj.pages)))
+        pool = self.mm.pool
+        pfns = np.arange(pfn, pfn + n, dtype=np.int64)
+        pool.flags[pfns] |= PG_OBJECT
+        pool.owner[pfns] = obj.id
+        pool.index[pfns] = np.arange(slot, slot + n, dtype=np.int32)
+        obj.pages[slot : slot + n] = pfns
+        obj.size = max(obj.size, (slot + n) * PAGE_SIZE)
+        self.mm.nr_gem_pages += n
+        self.driver.adopt(o, slot, n)
+        self.extents.append((bo, slot))
+        self._inc("gpu_pages", n)
+        return ("g", len(self.extents) - 1, order)
+
+    def _gpu_release(self, handle: int, order: int) -> None:
+        bo, slot = self.extents[handle]
+        obj, o = self.gpu_objects[bo.index]
+        n = 1 << order
+        mm = self.mm
+        mm.release(self.driver, obj, slot, n)
+        pfns = np.asarray(obj.pages[slot : slot + n], dtype=np.int64)
+        obj.pages[slot : slot + n] = np.full(n, -1, dtype=np.int64)
+        pfns = pfns[pfns >= 0]
+        self.driver.gem.forget(o, slot, n)
+        mm.nr_gem_pages -= len(pfns)
+        mm.buddy.free_pfns(pfns)
+        self._gpu_maybe_gone(bo)
+
+    def _gpu_maybe_gone(self, bo: GpuBo) -> None:
+        """An object with no pages left that will get none (destroyed, or its quota used up)
+        leaves the driver and the core."""
+        got = self.gpu_objects.get(bo.index)
+        if got is None or bo.open or got[0].nr_resident:
+            return
+        obj, o = got
+        self.driver.gem.remove_object(o.id)
+        self.mm.destroy_object(obj)
+        del self.gpu_objects[bo.index]
+
+    def _gpu_destroy(self, e: Event) -> None:
+        """i915_gem_object_destroy: the driver's pins go; the pages stay until shmem frees
+        them (their own mm_page_free events)."""
+        bo = self.gpu.destroy(e)
+        if bo is None:
+            return
+        got = self.gpu_objects.get(bo.index)
+        if got is not None:
+            obj, o = got
+            self.mm.release(self.driver, obj, 0, len(obj.pages))
+            self.driver.gem.unbind(o)
+        self._gpu_maybe_gone(bo)
+
     def _release(self, kind: str, handle: int, order: int) -> None:
         n = 1 << order
+        if kind == "g":
+            self._gpu_release(handle, order)
+            return
         if kind == "k":
             pfns = np.arange(handle, handle + n, dtype=np.int64)
         else:
@@ -432,12 +516,17 @@ class Replayer:
     def _alloc(self, e: Event) -> None:
         kpfn, order, mt = e.int("pfn"), e.int("order"), e.int("migratetype")
         mt = mt if mt in (0, 1, 2) else 0
+        bo = self.gpu.claim(e)
+        if bo is not None:  # a GPU page: the design's migrate type, whatever the kernel's
+            mt = int(self.design.gem_migratetype)
         if kpfn in self.live:
             self._inc("alloc_of_live_pfn")
             self._release(*self.live.pop(kpfn))
         p = kpfn - self.base
         if self.placement == "kernel" and self._take_exact(p, order, mt):
-            self.live[kpfn] = self._attach(p, order, mt)
+            self.live[kpfn] = (
+                self._gpu_attach(bo, p, order) if bo is not None else self._attach(p, order, mt)
+            )
             return
         if self.placement == "kernel":
             self._inc("placement_conflicts")
@@ -454,14 +543,16 @@ class Replayer:
             except OutOfMemory:
                 self._inc("model_alloc_failed")
                 return
-        self.live[kpfn] = self._attach(pfn, order, mt)
+        self.live[kpfn] = (
+            self._gpu_attach(bo, pfn, order) if bo is not None else self._attach(pfn, order, mt)
+        )
 
     def _free(self, e: Event) -> None:
         kpfn, order = e.int("pfn"), e.int("order")
         window = self.windows.get(e.cpu)
         got = self.live.pop(kpfn, None)
         if got is not None:
-            if window is not None and got[0] == "o":
+            if window is not None and got[0] in ("o", "g"):
                 self.orphans[got[2]].append((got[0], got[1]))  # migrated by the kernel
                 self._inc("kernel_migrated_sources")
                 return
@@ -645,6 +736,10 @@ class Replayer:
                 self._free(e)
             elif name == "mm_page_alloc_extfrag":
                 self._extfrag(e)
+            elif name in GPU_CREATE:
+                self.gpu.create(e)
+            elif name in GPU_DESTROY:
+                self._gpu_destroy(e)
             elif name.startswith("mm_compaction"):
                 self._compaction(e)
         for s in by_pos.get(len(self.events), ()):
@@ -655,7 +750,38 @@ class Replayer:
         self.counts["orphans_left"] = sum(len(q) for q in self.orphans.values())
         self.counts["events"] = len(self.events)
         result.counts = dict(sorted(self.counts.items()))
+        result.gpu = self._gpu_summary()
         return result
+
+    def _gpu_summary(self) -> dict[str, float]:
+        gpu = self.gpu
+        if not gpu.objects:
+            return {}
+        mm = self.mm
+        resident = pinned = 0
+        for obj, _o in self.gpu_objects.values():
+            _idx, pfns = obj.resident()
+            resident += len(pfns)
+            pinned += int(np.count_nonzero(mm.pool.pin[pfns]))
+        led = mm.ledger
+        stats = self.driver.gem.stats
+        return {
+            "objects": len(gpu.objects),
+            "objects_with_pages": sum(1 for bo in gpu.objects if bo.backed),
+            "pages": self.counts.get("gpu_pages", 0),
+            "pages_at_end": resident,
+            "pinned_at_end": pinned,
+            "migratetype": int(self.design.gem_migratetype),
+            "owner_asked": int(self.design.asks_owner),
+            "callbacks": led.callbacks,
+            "pages_moved_by_driver": led.repinned_pages,
+            "invalidations": stats.invalidations,
+            "refusals": led.refusals,
+            "migration_ms": round(led.migration_us / 1000, 6),
+            "gpu_stall_ms": round(led.gpu_stall_us / 1000, 6),
+            "vram_objects_ignored": gpu.ignored_vram,
+            "destroys_of_unknown_objects": gpu.unknown_destroys,
+        }
 
 
 def replay(
@@ -725,9 +851,66 @@ def format_table(results: Sequence[ReplayResult]) -> str:
                 f"{summ['mean_divergence']:.3f}; final model-kernel per order "
                 f"{summ['final_order_diff']}"
             )
+        lines.append(gpu_line(r))
         lines.append("counts: " + ", ".join(f"{k}={v}" for k, v in r.counts.items()))
         lines.append("")
+    if len(results) > 1:
+        lines.extend(compare_designs(results))
     return "\n".join(lines)
+
+
+NO_GPU_EVENTS = (
+    "no GPU buffer events in this trace (i915_gem_object_create, xe_bo_create, "
+    "amdgpu_bo_create): no page is known to back a GPU buffer, so designs that differ only in "
+    "how GPU pages are treated replay it alike"
+)
+
+
+def gpu_line(r: ReplayResult) -> str:
+    g = r.gpu
+    if not g:
+        return NO_GPU_EVENTS
+    mt = MigrateType(int(g["migratetype"])).title
+    who = "asks the driver before moving them" if g["owner_asked"] else "never moves them"
+    return (
+        f"GPU pages under {r.design}: {g['objects']:.0f} objects ({g['objects_with_pages']:.0f} "
+        f"with pages found), {g['pages']:.0f} pages, {mt} pageblocks, pinned while used; the "
+        f"core {who}. At the end {g['pages_at_end']:.0f} resident, {g['pinned_at_end']:.0f} "
+        f"pinned; moved and re-pinned by the driver {g['pages_moved_by_driver']:.0f}, callbacks "
+        f"{g['callbacks']:.0f}, invalidations {g['invalidations']:.0f}, refusals "
+        f"{g['refusals']:.0f}; cost {g['migration_ms']:.3f} ms migration, "
+        f"{g['gpu_stall_ms']:.3f} ms GPU stall"
+    )
+
+
+def free_huge(free: Sequence[int]) -> int:
+    """Free order-9 (2 MiB) blocks, counting each free order-10 block as two."""
+    return sum(c << (o - PAGEBLOCK_ORDER) for o, c in enumerate(free) if o >= PAGEBLOCK_ORDER)
+
+
+def compare_designs(results: Sequence[ReplayResult]) -> list[str]:
+    """One row per design: the same trace, what the model ended with and what it paid."""
+    lines = [
+        "designs compared (same trace, model at the last sample; kernel: what the trace shows):",
+        f"{'design':<18} {'2MiB free':>9} {'kernel':>6} {'mixed':>5} {'extfrag':>7} "
+        f"{'choices differ':>14} {'gpu pinned':>10} {'re-pinned':>9} {'migr ms':>8} "
+        f"{'stall ms':>8}",
+    ]
+    for r in results:
+        f = r.final
+        g = r.gpu
+        kern = str(free_huge(f.kernel_free)) if f.kernel_known else "-"
+        differ = f"{sum(c.differs for c in r.choices)}/{len(r.choices)}"
+        lines.append(
+            f"{r.design:<18} {free_huge(f.model_free):>9} {kern:>6} {f.model_mixed:>5} "
+            f"{f.model_extfrag:>7} {differ:>14} {g.get('pinned_at_end', 0):>10.0f} "
+            f"{g.get('pages_moved_by_driver', 0):>9.0f} {g.get('migration_ms', 0):>8.3f} "
+            f"{g.get('gpu_stall_ms', 0):>8.3f}"
+        )
+    if not any(r.gpu for r in results):
+        lines.append(NO_GPU_EVENTS)
+    lines.append("")
+    return lines
 
 
 def write_outputs(results: Sequence[ReplayResult], out: Path) -> list[Path]:
@@ -791,8 +974,10 @@ __all__ = [
     "ReplayResult",
     "Replayer",
     "TraceFormatError",
+    "compare_designs",
     "divergence",
     "format_table",
+    "free_huge",
     "replay",
     "write_outputs",
 ]

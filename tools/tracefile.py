@@ -15,7 +15,8 @@ kernel's own trace text plus ``#@`` lines:
 Any line that is neither a comment, a blank, an ``#@`` line, a ``CPU:N [LOST M EVENTS]`` line
 nor an event line is refused with the file, the line number and what was expected; so are the
 events this replay depends on (mm_page_alloc, mm_page_free, mm_page_alloc_extfrag,
-mm_migrate_pages, mm_compaction_*) when a field they need is missing or not a number.
+mm_migrate_pages, mm_compaction_*, the GPU drivers' bo-create/destroy events) when a field
+they need is missing or not a number.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ NEEDED: Mapping[str, tuple[str, ...]] = {
     "mm_compaction_try_to_compact_pages": ("order",),
     "mm_compaction_kcompactd_wake": ("order",),
     "mm_compaction_migratepages": ("nr_migrated", "nr_failed"),
+    "i915_gem_object_create": ("obj", "size"),
+    "i915_gem_object_destroy": ("obj",),
+    "xe_bo_create": ("size",),
+    "amdgpu_bo_create": ("bo", "pages", "type"),
 }
 """The events the replay reads, and the fields each must carry."""
 NUMERIC = frozenset(
@@ -87,6 +92,9 @@ NUMERIC = frozenset(
         "migrate_pfn",
         "free_pfn",
         "change_ownership",
+        "size",
+        "pages",
+        "type",
     }
 )
 
