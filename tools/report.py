@@ -1020,7 +1020,14 @@ def _scatter(ax: Axes, points: Sequence[BenefitCost], xlabel: str, ylabel: str) 
             capsize=3,
             label=design,
         )
-        ax.annotate(design, (cx, by), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # one label per point: designs that land on the same spot share it ("shmem-hook, gemfs")
+    spots: dict[tuple[float, float], list[str]] = {}
+    for design, (cx, _lo, _hi), (by, _blo, _bhi) in points:
+        spots.setdefault((round(cx, 9), round(by, 9)), []).append(design)
+    for (cx, by), names in spots.items():
+        ax.annotate(
+            ", ".join(names), (cx, by), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
     top = max((c[2] for _, c, _b in points), default=0.0)
     # symlog: designs that cost nothing sit at 0, the others spread over decades
     ax.set_xscale("symlog", linthresh=max(top / 1000, 1e-3))
