@@ -77,6 +77,9 @@ def test_results_table_in_a_terminal(tmp_path: Path, columns: int) -> None:
     by_label = {}
     for section in SECTIONS:
         for metric in section.metrics:
+            if metric.own:  # pin-time migration, confine's region: not these designs'
+                assert not any(x.strip().startswith(metric.label) for x in lines), metric.label
+                continue
             line = next((x for x in lines if x.strip().startswith(metric.label)), None)
             assert line is not None, (metric.label, text)
             by_label[metric.label] = line.strip()[len(metric.label) :].split()

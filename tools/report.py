@@ -142,6 +142,12 @@ class Metric:
     label: str
     value: Callable[[RunRecord], Value]
     cell: Callable[[Sequence[RunRecord]], Cell] | None = None
+    # A design's own mechanism (pin-time migration, confine's region): the row is left out
+    # when no record has a non-zero value for it.
+    own: bool = False
+
+    def shown(self, records: Sequence[RunRecord]) -> bool:
+        return not self.own or any(self.value(r) for r in records)
 
     def render(self, runs: Sequence[RunRecord]) -> Cell:
         if self.cell is not None:
@@ -226,12 +232,18 @@ SECTIONS: tuple[Section, ...] = (
             Metric("pages scanned", lambda r: _get(r.costs, "scanned_pages")),
             Metric("migration time (ms)", lambda r: _get(r.costs, "migration_ms")),
             Metric("waits (ms)", lambda r: _get(r.costs, "waits_ms")),
-            Metric("pages moved at pin time", lambda r: _get(r.costs, "pin_migrated_pages")),
-            Metric("pin-time migration (ms)", lambda r: _get(r.costs, "pin_migration_ms")),
-            Metric("pages evacuated (confine)", lambda r: _get(r.costs, "evacuated_pages")),
-            Metric("evacuation (ms)", lambda r: _get(r.costs, "evacuation_ms")),
-            Metric("region grew (confine)", lambda r: _get(r.costs, "region_grows")),
-            Metric("region shrank (confine)", lambda r: _get(r.costs, "region_shrinks")),
+            Metric(
+                "pages moved at pin time", lambda r: _get(r.costs, "pin_migrated_pages"), own=True
+            ),
+            Metric(
+                "pin-time migration (ms)", lambda r: _get(r.costs, "pin_migration_ms"), own=True
+            ),
+            Metric(
+                "pages evacuated (confine)", lambda r: _get(r.costs, "evacuated_pages"), own=True
+            ),
+            Metric("evacuation (ms)", lambda r: _get(r.costs, "evacuation_ms"), own=True),
+            Metric("region grew (confine)", lambda r: _get(r.costs, "region_grows"), own=True),
+            Metric("region shrank (confine)", lambda r: _get(r.costs, "region_shrinks"), own=True),
         ),
     ),
     Section(
@@ -339,7 +351,8 @@ def table_rows(
     for section in sections:
         rows.append(TableRow(section.title, [Cell(()) for _ in groups], heading=True))
         for m in section.metrics:
-            rows.append(TableRow(m.label, [m.render(runs) for runs in groups]))
+            if m.shown(records):
+                rows.append(TableRow(m.label, [m.render(runs) for runs in groups]))
     return rows
 
 
