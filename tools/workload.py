@@ -1033,18 +1033,18 @@ def workload_from_data(
         dz = top.table("design", "[design]")
         dz.allow(("movablecore", "confine_granule"))
         nr_pages = pool // PAGE_SIZE
-        if dz.has("movablecore"):
-            movablecore = dz.str_("movablecore")
-            try:
-                movablecore_pages(movablecore, nr_pages)
-            except ValueError as e:
-                raise dz.error("movablecore", str(e)) from None
-        if dz.has("confine_granule"):
-            confine_granule = dz.str_("confine_granule")
-            try:
-                confine_granule_pages(confine_granule, nr_pages)
-            except ValueError as e:
-                raise dz.error("confine_granule", str(e)) from None
+        region: dict[str, str | None] = {}
+        for key, check in (
+            ("movablecore", movablecore_pages),
+            ("confine_granule", confine_granule_pages),
+        ):
+            region[key] = dz.str_(key) if dz.has(key) else None
+            if (value := region[key]) is not None:
+                try:
+                    check(value, nr_pages)
+                except ValueError as e:
+                    raise dz.error(key, str(e)) from None
+        movablecore, confine_granule = region["movablecore"], region["confine_granule"]
     raw_phases = top.raw("phase")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise top.error("phase", "phase must be one or more [[phase]] tables")
