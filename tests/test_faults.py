@@ -359,3 +359,37 @@ def test_sigterm_with_peers_and_io_in_flight(tmp_path: Path) -> None:
                 p.kill()
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+async def test_malformed_compactor_state_and_kcompactd_args_are_refused(hook_stack: Stack) -> None:
+    """The compactor's new arguments: a bad compact_state, kcompactd_work order or alloc kind
+    is EINVAL with one line; the zone's state is untouched and the core keeps serving."""
+    stack = hook_stack
+    _fragment(stack, 20)
+    core = await connect(str(stack.control), "compactor", "bad-kcompactd")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(core.serve)
+        snap = await core.call("snapshot", {})
+        state = snap["compact_state"]
+        n = len(snap["pageblock_mt"])
+        assert len(state["skip"]) == (n + 7) // 8
+        for bad in ({"skip": b"\xff"}, {**state, "skip": b"\xff" * (len(state["skip"]) + 1)},
+                    {**state, "cached_free_block": "top"}, "not a map"):  # fmt: skip
+            with pytest.raises(CallError) as e:
+                await core.call("report", {"counters": {}, "compact_state": bad})
+            assert e.value.errno == "EINVAL", bad
+        for order in (11, "9", -5):
+            with pytest.raises(CallError) as e:
+                await core.call("kcompactd_work", {"order": order})
+            assert e.value.errno == "EINVAL", order
+        r = await core.call("kcompactd_work", {})  # nothing pending: no order work
+        assert r == {"worked": False, "result": None}
+        assert (await core.call("snapshot", {}))["compact_state"] == state  # untouched
+        nursery.cancel_scope.cancel()
+    with pytest.raises(CallError) as e:
+        await trio.to_thread.run_sync(
+            stack.core.call, "alloc", {"order": 9, "mt": "movable", "compact": True, "kind": "x"}
+        )
+    assert e.value.errno == "EINVAL"
+    assert "unknown allocation kind" in str(e.value)
+    await trio.to_thread.run_sync(_check, stack)
