@@ -26,6 +26,7 @@ from gemfs.mm.trace import task_of
 from gemfs.mm.types import PAGE_SIZE, Design
 from gemfs.testing import GemfsMount
 from gemfs_cli.main import main
+from tests.test_cli_run import one_error_line
 from tests.workloads import BUSY, write_small
 from tools.tracefile import parse_trace
 
@@ -122,3 +123,26 @@ def _read_pipe(pipe: Path) -> str:
                 return b"".join(chunks).decode()
     finally:
         os.close(fd)
+
+
+def test_run_trace_on_an_existing_mount(
+    gemfs_mount_factory: Callable[..., GemfsMount], tmp_path: Path
+) -> None:
+    """``--mount M --trace FILE``: the run's lines from M, labelled by the rule; a mount that
+    someone traces already is refused in one line, and the run leaves M untraced."""
+    ctl = tmp_path / "ctl.sock"
+    m = gemfs_mount_factory("32MiB", "notifier", control=str(ctl))
+    workload = write_small(tmp_path)
+    out = tmp_path / "run.trace"
+    args = ["run", str(workload), "--mount", str(m.path), "--trace", str(out)]
+    args += ["--out", str(tmp_path / "report")]
+    m.write_knob("tracing_on", 1)
+    line = one_error_line(CliRunner().invoke(main, args))
+    assert "is being traced already (.gemfs/tracing_on is 1)" in line
+    m.write_knob("tracing_on", 0)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    trace = parse_trace(out.read_text(), str(out))
+    assert {(e.comm, e.pid) for e in trace.events} == {("notifier", 5)}  # SMALL's seed
+    assert trace.counts["mm_page_alloc"] > 1000
+    assert m.read_stat("tracing_on").strip() == "0"

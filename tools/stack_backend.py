@@ -613,10 +613,20 @@ class StackBackend:
         the control socket's ``trace`` op turns them on in the mount, and the lines are read
         through the mount's ``.gemfs/trace_pipe`` after every call (and at teardown)."""
         lines = max(1 << 16, TRACE_LINES_PER_PAGE * self._pool_pages)
-        self._core("trace", {"on": True, "seed": seed, "buffer_lines": lines})
+        try:
+            self._core("trace", {"on": True, "seed": seed, "buffer_lines": lines})
+        except CallError as e:
+            if e.errno != "EBUSY":
+                raise
+            raise StackError(
+                f"{self.mountpoint} is being traced already (.gemfs/tracing_on is 1): turn that "
+                "off, or run without --trace"
+            ) from None
         try:
             self._pipe = PipeReader(self.mountpoint / ".gemfs" / "trace_pipe")
         except OSError as e:
+            with contextlib.suppress(CallError, StackError):  # leave the mount untraced
+                self._core("trace", {"on": False})
             raise self.stack.failed("opening .gemfs/trace_pipe", e) from None
         self._sink = sink
 
