@@ -135,6 +135,15 @@ class Kernel:
             raise ObjectError(errno.ENOENT, f"object {obj.id} is not a file of this mount")
         return inode
 
+    def trace(self, seed: int | None, buffer_lines: int | None = None) -> None:
+        """Turn the model's tracepoints on (for the run of ``seed``, in a new buffer of
+        ``buffer_lines`` lines, or the default) or off (``seed`` None), as ``.gemfs/tracing_on``
+        does; the lines are read at ``.gemfs/trace_pipe``."""
+        if seed is None:
+            self.fs.trace_pipe.disable()
+        else:
+            self.fs.trace_pipe.enable(seed, buffer_lines)
+
     async def invalidate(self, obj: GemObject, first_page: int, count: int) -> None:
         """Drop the kernel's cached pages of the object's range after its content changed
         behind the page cache's back (GPU writes); see :meth:`GemFS.invalidate`."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from gemfs.mm.core import MemoryManager
 from gemfs.mm.pool import I64
-from gemfs.mm.trace import Tracer
+from gemfs.mm.trace import Tracer, lost_line, task_of
 from gemfs.mm.types import PAGE_SIZE, format_size
 
 OBJECTS_HEADER = "id\tpath\tpages\tpinned\tmigratetype"
@@ -141,11 +141,13 @@ class TracePipe:
     """``.gemfs/tracing_on`` and ``.gemfs/trace_pipe``: the model's tracepoints on the mount.
 
     Writing 1 to tracing_on gives the pool a :class:`gemfs.mm.trace.Tracer` (0 takes it away);
-    reading trace_pipe consumes what was traced since the last read, in the kernel's text
-    format, with a ``CPU:0 [LOST N EVENTS]`` line where the bounded buffer overwrote lines
-    before anyone read them. As with the kernel's, a read that finds nothing new waits for the
-    next line: that waiting is the FUSE adapter's (gemfs/fs.py); here ``notify``, when set, is
-    called on every line the tracer makes, so the adapter can wake its readers."""
+    the control socket's ``trace`` op does the same with a run's seed (:meth:`enable`), so the
+    lines carry the label :func:`gemfs.mm.trace.task_of` gives. Reading trace_pipe consumes
+    what was traced since the last read, in the kernel's text format, with a
+    ``CPU:0 [LOST N EVENTS]`` line where the bounded buffer overwrote lines before anyone read
+    them. As with the kernel's, a read that finds nothing new waits for the next line: that
+    waiting is the FUSE adapter's (gemfs/fs.py); here ``notify``, when set, is called on every
+    line the tracer makes, so the adapter can wake its readers."""
 
     def __init__(self, mm: MemoryManager, capacity: int = 1 << 16) -> None:
         self.mm = mm
@@ -159,13 +161,24 @@ class TracePipe:
     def store_on(self, text: str) -> None:
         on = parse_int(text, 0, 1)
         if on and self.mm.tracer is None:
-            mm = self.mm
-            tracer = Tracer(lambda: mm.clock.now, capacity=self.capacity)
-            tracer.sinks.append(self._line)
-            self.mm.tracer = tracer
-            self.cursor = 0
+            self.enable()
         elif not on:
-            self.mm.tracer = None
+            self.disable()
+
+    def enable(self, seed: int = 0, capacity: int | None = None) -> None:
+        """Trace from now on, the lines labelled for the run of this seed (a new buffer of
+        ``capacity`` lines, the default if None)."""
+        mm = self.mm
+        comm, pid = task_of(mm.design, seed)
+        tracer = Tracer(
+            lambda: mm.clock.now, comm=comm, pid=pid, capacity=capacity or self.capacity
+        )
+        tracer.sinks.append(self._line)
+        mm.tracer = tracer
+        self.cursor = 0
+
+    def disable(self) -> None:
+        self.mm.tracer = None
 
     def _line(self, _line: str) -> None:
         if self.notify is not None:
@@ -180,6 +193,6 @@ class TracePipe:
         tracer = self.mm.tracer
         if tracer is None:
             return ""
-        lines, self.cursor, lost = tracer.read(self.cursor)
-        head = f"CPU:{tracer.cpu} [LOST {lost} EVENTS]\n" if lost else ""
+        lines, self.cursor, lost = tracer.consume(self.cursor)
+        head = lost_line(tracer.cpu, lost) + "\n" if lost else ""
         return head + "".join(line + "\n" for line in lines)

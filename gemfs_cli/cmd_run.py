@@ -211,7 +211,8 @@ def _too_small(workload: Workload, records: Sequence[RunRecord]) -> str | None:
     "--trace",
     "trace_file",
     metavar="FILE",
-    help="Write the model's tracepoints here, in the kernel's ftrace text (with --inproc).",
+    help="Write the model's tracepoints here, in the kernel's ftrace text (both backends: "
+    "the same lines; each names its run as DESIGN-SEED).",
 )
 def run(
     workload: str,
@@ -238,15 +239,8 @@ def run(
       gemfs run examples/compaction-test.toml --mount /tmp/gem   # an existing mount"""
     if inproc and mount:
         raise click.UsageError("--mount needs the multi-process stack; drop --inproc")
-    if trace_file and not inproc:
-        raise click.UsageError(
-            "--trace needs --inproc (on the stack, read the mount's .gemfs/trace_pipe)"
-        )
-    writer = TraceWriter(Path(trace_file)) if trace_file else None
     try:
-        factory = (
-            writer.factory() if writer else inproc_factory() if inproc else stack_factory(mount)
-        )
+        factory = inproc_factory() if inproc else stack_factory(mount)
     except BackendUnavailable as e:
         raise click.ClickException(str(e)) from None
     if mount:
@@ -256,6 +250,9 @@ def run(
     if gem_migratetype:
         w = dataclasses.replace(w, gem_migratetype=MigrateType.parse(gem_migratetype))
     out_dir = Path(out) if out else Path("out") / w.name
+    writer = _trace_writer(trace_file)  # opened now: an unwritable FILE stops us before a run
+    if writer is not None:
+        factory = writer.factory(factory)
     if jobs is None:
         jobs = 1 if mount or writer else default_jobs()
     elif mount and jobs > 1:
@@ -267,6 +264,23 @@ def run(
     finally:
         if writer is not None:
             writer.close()
+    if writer is not None:
+        click.echo(f"trace: {writer.lines} lines in {writer.path}", err=True)
+        if writer.lost:
+            click.echo(
+                f"warning: the mount's trace buffer overwrote {writer.lost} events before they "
+                "were read (CPU:0 [LOST N EVENTS] lines in the trace)",
+                err=True,
+            )
+
+
+def _trace_writer(path: str | None) -> TraceWriter | None:
+    if path is None:
+        return None
+    try:
+        return TraceWriter(Path(path))
+    except OSError as e:
+        raise click.ClickException(f"cannot write the trace to {path}: {e.strerror}") from None
 
 
 @click.command()

@@ -3,7 +3,7 @@ and the model's invariants after every phase kind."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -197,6 +197,10 @@ class RecordingBackend:
     def verify(self) -> int:
         self.calls.append("verify")
         return self.inner.verify()
+
+    def trace(self, seed: int, sink: Callable[[str], None]) -> None:
+        self.calls.append("trace")
+        self.inner.trace(seed, sink)
 
     def teardown(self) -> None:
         self.calls.append("teardown")

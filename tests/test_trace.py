@@ -21,10 +21,12 @@ import trio.testing
 from click.testing import CliRunner
 
 from gemfs.fs import GemFS
+from gemfs.mm.compaction import CompactResult
 from gemfs.mm.core import MemoryManager
-from gemfs.mm.trace import Tracer, hashed_pointer
-from gemfs.mm.types import MigrateMode, MigrateType
+from gemfs.mm.trace import PassPoint, Tracer, hashed_pointer, task_of
+from gemfs.mm.types import Design, MigrateMode, MigrateType
 from gemfs_cli.main import main
+from tests.test_cli_run import one_error_line
 from tests.test_fs_unit import CTX, create, gemfs_file, read_proc, write_proc
 from tools.tracefile import parse_line, parse_trace
 
@@ -176,6 +178,8 @@ async def test_trace_pipe_on_the_mount(autojump_clock: trio.testing.MockClock) -
     text = await read_pipe(fs)
     trace = parse_trace(text, "trace_pipe")
     assert trace.counts == {"mm_page_alloc": 3}
+    # turned on by hand (no run): the mount's design, seed 0
+    assert {(e.comm, e.pid) for e in trace.events} == {("shmem-hook", 0)}
     # consumed, as the kernel's trace_pipe: a second read waits for the next line
     got: list[str] = []
     async with trio.open_nursery() as nursery:
@@ -218,7 +222,50 @@ def test_run_trace_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     trace = parse_trace(out.read_text(), str(out))
     assert trace.counts["mm_page_alloc"] > 1000
-    assert {e.comm for e in trace.events} == {"shmem-hook"}
-    refused = CliRunner().invoke(main, ["run", "examples/compaction-test.toml", "--trace", "x"])
-    assert refused.exit_code != 0
-    assert "--inproc" in refused.output
+    assert {(e.comm, e.pid) for e in trace.events} == {task_of(Design.SHMEM_HOOK, 1)}
+    assert f"trace: {len(trace.events)} lines in {out}" in result.output
+
+
+def test_run_trace_to_an_unwritable_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "missing" / "run.trace"
+    for backend in (["--inproc"], []):  # refused before any run starts (a stack included)
+        result = CliRunner().invoke(
+            main, ["run", "examples/compaction-test.toml", *backend, "--trace", str(bad)]
+        )
+        line = one_error_line(result)
+        assert line == f"Error: cannot write the trace to {bad}: No such file or directory"
+        assert not (tmp_path / "report").exists()
+
+
+def test_task_label_rule() -> None:
+    """comm is the design (cut to the kernel's 15 characters), pid the run's seed."""
+    assert task_of(Design.NOTIFIER, 11) == ("notifier", 11)
+    assert task_of(Design.PINNED_IN_MOVABLE)[1] == 0
+    assert all(len(task_of(d)[0]) <= 15 for d in Design)
+    assert task_of(Design.PINNED_IN_MOVABLE)[0] == Design.PINNED_IN_MOVABLE.value[:15]
+    with pytest.raises(ValueError, match="negative"):
+        task_of(Design.GEMFS, -1)
+
+
+def test_consumed_lines_leave_the_buffer() -> None:
+    """trace_pipe consumes: what was read is gone (memory too), overruns still count."""
+    t = Tracer(lambda: 0.0, capacity=4)
+    for pfn in range(3):
+        t.mm_page_free(pfn, 0)
+    lines, cursor, lost = t.consume(0)
+    assert (len(lines), cursor, lost, len(t.lines), t.lost) == (3, 3, 0, 0, 0)
+    for pfn in range(6):
+        t.mm_page_free(pfn, 0)
+    lines, cursor, lost = t.consume(cursor)
+    assert (len(lines), cursor, lost, t.lost) == (4, 9, 2, 2)
+    assert "pfn=0x2 " in lines[0]
+
+
+@pytest.mark.parametrize("result", list(CompactResult))
+def test_every_compaction_result_prints(result: CompactResult) -> None:
+    """mm_compaction_end has a status for every result a pass ends with (partial_skipped too)."""
+    t = Tracer(lambda: 0.0)
+    t.compaction_end(PassPoint(3, 2, MigrateMode.SYNC, result), 1 << 13)
+    assert t.lines[-1].endswith(f"mode=sync status={result.value}")
+    (event,) = parse_trace(t.lines[-1] + "\n", "t").events
+    assert event.fields["status"] == result.value

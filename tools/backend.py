@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NewType, NotRequired, Protocol, TypedDict
 
+from gemfs.mm.trace import Sink
 from gemfs.mm.types import MigrateType
 
 Handle = NewType("Handle", int)
@@ -126,6 +127,13 @@ class Backend(Protocol):
     def verify(self) -> int:
         """Data errors: GPU reads that mismatched during the run plus objects whose content
         differs now from what their owner last wrote (GEM objects and page-cache files)."""
+        ...
+
+    def trace(self, seed: int, sink: Sink) -> None:
+        """From now on, every tracepoint of the model to ``sink``, one line of the kernel's
+        ftrace text each (gemfs.mm.trace), labelled for the run of ``seed``
+        (:func:`gemfs.mm.trace.task_of`); all of them by the end of :meth:`teardown`, in the
+        order the model made them."""
         ...
 
     def teardown(self) -> None:

@@ -99,6 +99,9 @@ async def compact_remote(
         # state; the core takes what it left at the end.
         policy.state = ZoneCompactState.imported(len(snap.pageblock_mt), reply["compact_state"])
     t = float((await core.call("clock", {}))["now"]) if now is None else now
+    tracing = bool(reply.get("tracing"))  # the core traces: tell it where the pass begins
+    if tracing:
+        await core.call("trace_pass", _pass_point("begin", policy))
     sent = 0  # pages scanned and already charged to this task through a migrate call
     while (batch := policy.next_batch(snap)) is not None:
         scanned = policy.stats.migrate_scanned + policy.stats.free_scanned
@@ -144,7 +147,20 @@ async def compact_remote(
     if policy.state is not None:
         report["compact_state"] = policy.state.export()
     await core.call("report", report)
+    if tracing:
+        await core.call("trace_pass", _pass_point("end", policy))
     return policy.result
+
+
+def _pass_point(at: str, policy: CompactionPolicy) -> dict[str, Any]:
+    """The ``trace_pass`` op's arguments: what mm_compaction_begin/end print of the pass."""
+    return {
+        "at": at,
+        "migrate_block": policy.migrate_block,
+        "free_block": policy.free_block,
+        "mode": policy.mode.name.lower(),
+        "result": policy.result.value,
+    }
 
 
 async def kcompactd_wake(

@@ -21,6 +21,7 @@ from gemfs.mm.costs import CostTable
 from gemfs.mm.kcompactd import Kcompactd, WakeSchedule
 from gemfs.mm.page_alloc import drive, kcompactd_wake
 from gemfs.mm.pool import I64
+from gemfs.mm.trace import Sink, Tracer, task_of
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateType
 from tools.backend import GpuSample, Handle, ProbeResult, Sample
 from tools.workload import Workload
@@ -194,6 +195,14 @@ class InprocBackend:
             if not np.array_equal(_get_stamps(frames, pfns), want):
                 bad += 1
         return seen + bad
+
+    def trace(self, seed: int, sink: Sink) -> None:
+        """The model's tracepoints from now on, labelled for the run of ``seed``, to ``sink``."""
+        mm = self.mm
+        comm, pid = task_of(self.design, seed)
+        tracer = Tracer(lambda: mm.clock.now, comm=comm, pid=pid, capacity=1)  # sink: all
+        tracer.sinks.append(sink)
+        mm.tracer = tracer
 
     def teardown(self) -> None:
         if self._closed:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, cast
 
-from gemfs.mm.trace import Tracer
+from gemfs.mm.trace import LOST_EVENTS
 from gemfs.mm.types import Design
 from tools.backend import Backend
 from tools.inproc_backend import InprocBackend
@@ -101,26 +101,39 @@ def default_jobs() -> int:
 
 class TraceWriter:
     """``gemfs run --trace FILE``: every run's tracepoints into one text file, in the kernel's
-    trace format (``comm`` is the design, ``pid`` the seed, so runs can be told apart).
-    In-process backend only: the stack's pool lives in the mount's process."""
+    trace format, on either backend: each line names its run as
+    :func:`gemfs.mm.trace.task_of` says (``comm`` the design, ``pid`` the seed), so runs can be
+    told apart and the same run prints the same lines in process and on the stack.
+
+    The file is opened (and its header written) at once: an unwritable FILE is an OSError
+    before anything plays."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: TextIO = path.open("w")
         self._file.write("# tracer: nop\n#\n")
         self._lock = threading.Lock()
+        self.lines = 0
+        self.lost = 0  # events the stack's trace buffer overwrote (CPU:N [LOST M EVENTS])
 
     def write(self, line: str) -> None:
         with self._lock:
             self._file.write(line + "\n")
+            if (m := LOST_EVENTS.match(line)) is not None:
+                self.lost += int(m.group(2))
+            else:
+                self.lines += 1
 
-    def factory(self) -> BackendFactory:
+    def factory(self, base: BackendFactory) -> BackendFactory:
+        """``base``'s backends, each tracing into this file from its start."""
+
         def build(workload: Workload, design: Design) -> Backend:
-            backend = InprocBackend(workload, design)
-            mm = backend.mm
-            tracer = Tracer(lambda: mm.clock.now, comm=design.value, pid=workload.seed)
-            tracer.sinks.append(self.write)
-            mm.tracer = tracer
+            backend = base(workload, design)
+            try:
+                backend.trace(workload.seed, self.write)
+            except BaseException:
+                backend.teardown()
+                raise
             return backend
 
         return build

@@ -39,6 +39,7 @@ from driver.gem import DriverPolicy
 from gemfs.control.client import SyncClient
 from gemfs.control.peer import CallError
 from gemfs.mm import OutOfMemory
+from gemfs.mm.trace import LOST_EVENTS, Sink
 from gemfs.mm.types import PAGE_SIZE, Design, MigrateType, format_size
 from gemfs.procfs import parse_pool
 from tools.backend import GpuSample, Handle, ProbeResult, Sample
@@ -379,6 +380,39 @@ class Stack:
         self.teardown()
 
 
+class PipeReader:
+    """The mount's ``.gemfs/trace_pipe``, opened O_NONBLOCK: :meth:`drain` reads until the pipe
+    answers EAGAIN (nothing more traced yet) and returns the whole lines read so far; a line
+    cut by a read's end waits for the next drain."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._tail = b""
+
+    def drain(self) -> list[str]:
+        chunks = [self._tail]
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        *lines, self._tail = b"".join(chunks).split(b"\n")
+        return [line.decode() for line in lines]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+TRACE_LINES_PER_PAGE = 8
+"""The trace buffer a run asks the mount for, per page of the pool: the run drains the pipe
+after every call, so the buffer holds what one call traces (a compaction of the whole pool
+makes about three lines a page); a buffer that overflowed all the same shows as a
+``CPU:0 [LOST N EVENTS]`` line in the trace, as the kernel's does."""
+
+
 class StackBackend:
     """:class:`tools.backend.Backend` on the real stack (``gemfs run`` without --inproc)."""
 
@@ -391,6 +425,10 @@ class StackBackend:
         self._files: dict[Handle, tuple[str, int]] = {}
         self._noise: dict[Handle, int] = {}
         self._probes: list[int] = []
+        self._pool_pages = workload.pool // PAGE_SIZE
+        self._pipe: PipeReader | None = None
+        self._sink: Sink | None = None
+        self._traced = 0  # lines read from trace_pipe (not counting LOST lines)
         c = workload.compactor
         self.stack = Stack(
             workload.pool,
@@ -414,13 +452,15 @@ class StackBackend:
         """One call; a peer that went away (or a dead socket) becomes a StackError that names
         the log, anything else the peer answered is raised as it came."""
         try:
-            return client.call(op, args)
+            result = client.call(op, args)
         except CallError as e:
             if e.errno in GONE:
                 raise self.stack.failed(f"{what} {op}", e) from None
             raise
         except OSError as e:
             raise self.stack.failed(f"{what} {op}", e) from None
+        self._drain_trace()
+        return result
 
     def _core(self, op: str, args: dict[str, Any] | None = None) -> Any:
         return self._call(self.core, "core", op, args or {})
@@ -514,6 +554,7 @@ class StackBackend:
     def compact(self) -> None:
         """echo 1 > compact_memory: the core's own compaction (its zone state, as in process)."""
         self.core.call("compact", {})
+        self._drain_trace()
 
     def advance(self, seconds: float) -> None:
         self._core("advance", {"seconds": max(0.0, seconds)})
@@ -566,8 +607,64 @@ class StackBackend:
                 bad += 1
         return bad
 
+    # -- tracing ----------------------------------------------------------------------------
+    def trace(self, seed: int, sink: Sink) -> None:
+        """The model's tracepoints from now on, labelled for the run of ``seed``, to ``sink``:
+        the control socket's ``trace`` op turns them on in the mount, and the lines are read
+        through the mount's ``.gemfs/trace_pipe`` after every call (and at teardown)."""
+        lines = max(1 << 16, TRACE_LINES_PER_PAGE * self._pool_pages)
+        try:
+            self._core("trace", {"on": True, "seed": seed, "buffer_lines": lines})
+        except CallError as e:
+            if e.errno != "EBUSY":
+                raise
+            raise StackError(
+                f"{self.mountpoint} is being traced already (.gemfs/tracing_on is 1): turn that "
+                "off, or run without --trace"
+            ) from None
+        try:
+            self._pipe = PipeReader(self.mountpoint / ".gemfs" / "trace_pipe")
+        except OSError as e:
+            with contextlib.suppress(CallError, StackError):  # leave the mount untraced
+                self._core("trace", {"on": False})
+            raise self.stack.failed("opening .gemfs/trace_pipe", e) from None
+        self._sink = sink
+
+    def _drain_trace(self) -> None:
+        if self._pipe is None or self._sink is None:
+            return
+        try:
+            lines = self._pipe.drain()
+        except OSError as e:
+            raise self.stack.failed("reading .gemfs/trace_pipe", e) from None
+        for line in lines:
+            if not LOST_EVENTS.match(line):
+                self._traced += 1
+            self._sink(line)
+
+    def _end_trace(self) -> None:
+        """The last lines, then tracing off; every line the mount traced must have come."""
+        if self._pipe is None:
+            return
+        try:
+            self._drain_trace()
+            counts = self._core("trace", {"on": False})
+        finally:
+            self._pipe.close()
+            self._pipe = None
+        written, lost = int(counts["written"]), int(counts["lost"])
+        if self._traced != written - lost:
+            self.stack.keep = True
+            raise StackError(
+                f"trace_pipe gave {self._traced} lines, the mount traced {written} "
+                f"({lost} lost); logs: {self.stack.workdir}"
+            )
+
     def teardown(self) -> None:
-        self.stack.teardown()
+        try:
+            self._end_trace()
+        finally:
+            self.stack.teardown()
 
 
 def _cache_bytes(seed: int, size: int) -> bytes:

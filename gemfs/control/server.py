@@ -37,6 +37,7 @@ from gemfs.mm.kcompactd import WakeSchedule
 from gemfs.mm.migrate import Answer, Ask, AskInvalidate, Migration
 from gemfs.mm.page_alloc import AllocKind, alloc_pages_slowpath, kcompactd_wake
 from gemfs.mm.pool import I64
+from gemfs.mm.trace import PassPoint
 from gemfs.mm.types import MAX_ORDER, Design, MigrateType, OutOfMemory
 from gemfs.mm.vmstat import VMSTAT_COUNTERS
 from gemfs.mountproc import control_socket_in_use
@@ -47,6 +48,7 @@ COMPACTOR_COUNTERS = frozenset(
     k for k in VMSTAT_COUNTERS if k.startswith(("compact_", "proactive_compact"))
 )
 EAGAIN = errno.EAGAIN
+MAX_TRACE_LINES = 1 << 26  # the largest trace buffer a client may ask for (lines)
 
 
 class KernelLike(Protocol):
@@ -63,6 +65,8 @@ class KernelLike(Protocol):
     def path_of(self, obj: GemObject) -> str: ...
 
     def unlink(self, path: str) -> None: ...
+
+    def trace(self, seed: int | None, buffer_lines: int | None = None) -> None: ...
 
     async def invalidate(self, obj: GemObject, first_page: int, count: int) -> None: ...
 
@@ -453,6 +457,7 @@ class ControlServer:
                 if hopeless is not None:  # illuminator: blocks compaction passes over
                     snap["hopeless"] = hopeless.astype(np.uint8).tobytes()
                 snap["compact_state"] = mm.compact_state.export()  # a pass's skip bits, scanners
+                snap["tracing"] = mm.tracer is not None  # then tell me of passes (trace_pass)
                 return snap
             case "migrate" if role in ("compactor", "client"):
                 src = _pfns(args, "src", 1 << 16)
@@ -511,6 +516,9 @@ class ControlServer:
                     except ValueError as e:
                         raise _err(errno.EINVAL, str(e)) from None
                     mm.compact_state.absorb(st)
+                return 0
+            case "trace_pass" if role == "compactor":
+                self._trace_pass(args)
                 return 0
             case "kcompactd_work" if role == "compactor":
                 # kcompactd's order work at a wake-up, in the zone's own compaction state.
@@ -579,6 +587,8 @@ class ControlServer:
                     raise _err(errno.ENOMEM, f"no free block of order {order}")
                 state.kernel_allocs.add(pfn)
                 return {"pfn": pfn, "latency_us": latency, "compacted": compacted}
+            case "trace" if role == "client":
+                return self._trace(args)
             case "free" if role == "client":
                 pfn = _int(args, "pfn", 0, mm.pool.nr_pages)
                 if pfn not in state.kernel_allocs:
@@ -588,6 +598,47 @@ class ControlServer:
                 return 0
             case _:
                 raise _err(errno.EOPNOTSUPP, f"op {call.op!r} not supported for role {role}")
+
+    def _trace(self, args: dict[str, Any]) -> dict[str, int]:
+        """The ``trace`` op: tracing on for the run of ``seed`` (the lines are read at the
+        mount's .gemfs/trace_pipe), or off; the counts of the tracer that was on."""
+        on = args.get("on")
+        if not isinstance(on, bool):
+            raise _err(errno.EINVAL, "argument 'on' must be true or false")
+        tracer = self.mm.tracer
+        counts = {"written": 0, "lost": 0}
+        if tracer is not None:
+            counts = {"written": tracer.written, "lost": tracer.lost}
+        if not on:
+            self.kernel.trace(None)
+            return counts
+        if tracer is not None:
+            raise _err(errno.EBUSY, "tracing is already on (tracing_on): turn it off first")
+        seed = _int(args, "seed", 0, 2**62) if "seed" in args else 0
+        lines = _int(args, "buffer_lines", 1, MAX_TRACE_LINES) if "buffer_lines" in args else None
+        self.kernel.trace(seed, lines)
+        return counts
+
+    def _trace_pass(self, args: dict[str, Any]) -> None:
+        """A compactor process's pass begins or ends: its tracepoint, as a pass run here
+        prints it (MemoryManager.policy_started/policy_finished)."""
+        mm = self.mm
+        at = args.get("at")
+        if at not in ("begin", "end"):
+            raise _err(errno.EINVAL, "argument 'at' must be 'begin' or 'end'")
+        try:
+            result = CompactResult(args.get("result", CompactResult.CONTINUE.value))
+        except ValueError:
+            raise _err(errno.EINVAL, f"not a compaction result: {args.get('result')!r}") from None
+        n = mm.pool.nr_pageblocks  # (a scanner may stand one past its end)
+        blocks = _int(args, "migrate_block", -1, n), _int(args, "free_block", -1, n)
+        point = PassPoint(*blocks, _mode(args), result)
+        if mm.tracer is None:
+            return
+        if at == "begin":
+            mm.tracer.compaction_begin(point, mm.pool.nr_pages)
+        else:
+            mm.tracer.compaction_end(point, mm.pool.nr_pages)
 
     def _require(self, design: Design, what: str) -> None:
         if self.mm.design is not design:

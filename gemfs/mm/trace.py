@@ -8,6 +8,12 @@ real trace). It keeps the newest lines in a bounded buffer and counts what it dr
 kernel's ring buffer in overwrite mode; readers take lines from a cursor (``.gemfs/trace_pipe``)
 and sinks get every line as it is made (``gemfs run --trace FILE``). No I/O here.
 
+Who the lines say made them (the ``comm-pid`` of each line) follows one rule, :func:`task_of`:
+the comm is the design, the pid the seed of the run (0 when tracing was turned on by hand with
+the mount's ``tracing_on``). Whoever turns tracing on passes the seed: ``gemfs run --trace``
+in process, the control socket's ``trace`` op on the stack; so the same run prints the same lines
+on both backends.
+
 Printings that differ between kernels are options; the defaults are Debian 12's 6.1 (the QEMU
 guest's kernel): ``pfn`` hexadecimal (``pfn=0x1e06b7``; older kernels print it in decimal), a
 flags column of five characters (``.....``; four on older kernels), and ``mm_migrate_pages``
@@ -17,14 +23,18 @@ without the ``nr_split=`` that newer kernels (6.18 here) print after ``nr_thp_sp
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from gemfs.mm.compaction import CompactionPolicy
-from gemfs.mm.types import PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, MigrateMode, MigrateType
+from gemfs.mm.compaction import CompactResult
+from gemfs.mm.types import PAGEBLOCK_NR_PAGES, PAGEBLOCK_ORDER, Design, MigrateMode, MigrateType
 
 MIGRATE_MODES = {
     MigrateMode.ASYNC: "MIGRATE_ASYNC",
@@ -42,6 +52,7 @@ COMPACT_STATUS = {
     7: "contended",
     8: "success",
 }
+STATUS_OF = {name: value for value, name in COMPACT_STATUS.items()}
 GFP_FOR_TYPE = {
     MigrateType.UNMOVABLE: "GFP_KERNEL",
     MigrateType.MOVABLE: "GFP_HIGHUSER_MOVABLE",
@@ -50,6 +61,24 @@ GFP_FOR_TYPE = {
 """What the model's allocations would have asked for (i915 GEM pages: GFP_HIGHUSER|RECLAIMABLE)."""
 
 Sink = Callable[[str], None]
+LOST_EVENTS = re.compile(r"CPU:(\d+) \[LOST (\d+) EVENTS\]$")
+"""trace_pipe's line where the buffer overwrote lines no reader had taken (:func:`lost_line`)."""
+
+
+def lost_line(cpu: int, lost: int) -> str:
+    return f"CPU:{cpu} [LOST {lost} EVENTS]"
+
+
+TASK_COMM_LEN = 16
+"""The kernel's comm holds 15 characters and a NUL; a longer name is cut, as the kernel cuts it."""
+
+
+def task_of(design: Design, seed: int = 0) -> tuple[str, int]:
+    """The ``comm`` and ``pid`` a trace's lines carry: the design's name and the run's seed (0
+    when no run turned tracing on). The one rule both backends and the mount follow."""
+    if seed < 0:
+        raise ValueError(f"a seed is not negative: {seed}")
+    return design.value[: TASK_COMM_LEN - 1], seed
 
 
 def hashed_pointer(pfn: int) -> str:
@@ -57,6 +86,31 @@ def hashed_pointer(pfn: int) -> str:
     of a keyed hash, the upper half zero. Deterministic here, so two runs give the same text."""
     digest = hashlib.blake2b(pfn.to_bytes(8, "little"), digest_size=4, key=b"gemfs").digest()
     return f"{int.from_bytes(digest, 'little'):016x}"
+
+
+class CompactionPass(Protocol):
+    """What mm_compaction_begin/end print of a pass: a
+    :class:`~gemfs.mm.compaction.CompactionPolicy`, or :class:`PassPoint` (a pass that a
+    compactor process runs, as it tells the core)."""
+
+    @property
+    def migrate_block(self) -> int: ...
+    @property
+    def free_block(self) -> int: ...
+    @property
+    def mode(self) -> MigrateMode: ...
+    @property
+    def result(self) -> CompactResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PassPoint:
+    """A compaction pass's scanners, mode and result at its start or end, as values."""
+
+    migrate_block: int
+    free_block: int
+    mode: MigrateMode
+    result: CompactResult = CompactResult.CONTINUE
 
 
 class Tracer:
@@ -81,21 +135,30 @@ class Tracer:
         self.pfn_hex = pfn_hex
         self.nr_split = nr_split
         self.flags = "." * flags_width
+        self.capacity = capacity
         self.lines: deque[str] = deque(maxlen=capacity)
         self.written = 0  # every line ever made; the buffer holds the last len(lines)
+        self.overrun = 0  # lines the full buffer overwrote (consumed ones are not counted)
         self.sinks: list[Sink] = []
 
     @property
     def lost(self) -> int:
         """Lines overwritten before any reader took them from the buffer (the ring's overrun)."""
-        return self.written - len(self.lines)
+        return self.overrun
 
     def read(self, cursor: int) -> tuple[list[str], int, int]:
         """Lines written since ``cursor`` (a count of lines): (lines, new cursor, lines lost)."""
         first = self.written - len(self.lines)
         lost = max(0, first - cursor)
         start = max(cursor, first) - first
-        return list(self.lines)[start:], self.written, lost
+        return list(itertools.islice(self.lines, start, None)), self.written, lost
+
+    def consume(self, cursor: int) -> tuple[list[str], int, int]:
+        """:meth:`read`, and drop the lines returned from the buffer, as a read of the kernel's
+        trace_pipe does: a consuming reader keeps the buffer (and its memory) small."""
+        got = self.read(cursor)
+        self.lines.clear()  # every line is now at most ``written``: read, now or before
+        return got
 
     def emit(self, event: str, body: str) -> str:
         t = self.clock()
@@ -107,6 +170,8 @@ class Tracer:
             f"{self.comm:>16}-{self.pid:<7d} [{self.cpu:03d}] {self.flags} "
             f"{secs:5d}.{usecs:06d}: {event}: {body}"
         )
+        if len(self.lines) == self.capacity:
+            self.overrun += 1
         self.lines.append(line)
         self.written += 1
         for sink in self.sinks:
@@ -202,7 +267,7 @@ class Tracer:
             f"status={COMPACT_STATUS[status]}",
         )
 
-    def compaction_begin(self, policy: CompactionPolicy, nr_pages: int) -> None:
+    def compaction_begin(self, policy: CompactionPass, nr_pages: int) -> None:
         self.mm_compaction_begin(
             0,
             policy.migrate_block * PAGEBLOCK_NR_PAGES,
@@ -211,8 +276,8 @@ class Tracer:
             policy.mode != MigrateMode.ASYNC,
         )
 
-    def compaction_end(self, policy: CompactionPolicy, nr_pages: int) -> None:
-        status = {"skipped": 1, "continue": 4, "success": 8, "complete": 5}[policy.result.value]
+    def compaction_end(self, policy: CompactionPass, nr_pages: int) -> None:
+        status = STATUS_OF[policy.result.value]
         self.mm_compaction_end(
             0,
             policy.migrate_block * PAGEBLOCK_NR_PAGES,
