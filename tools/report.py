@@ -1038,9 +1038,11 @@ def _scatter(ax: Axes, points: Sequence[BenefitCost], xlabel: str, ylabel: str) 
     for design, (cx, _lo, _hi), (by, _blo, _bhi) in points:
         spots.setdefault((round(cx, 9), round(by, 9)), []).append(design)
     for (cx, by), names in spots.items():
-        ax.annotate(
-            ", ".join(names), (cx, by), textcoords="offset points", xytext=(5, 4), fontsize=8
+        label = "\n".join(", ".join(names[i : i + 3]) for i in range(0, len(names), 3))
+        text = ax.annotate(
+            label, (cx, by), textcoords="offset points", xytext=(5, 4), fontsize=8, va="bottom"
         )
+        text.set_in_layout(False)  # many designs on one spot must not squeeze the axes away
     top = max((c[2] for _, c, _b in points), default=0.0)
     # symlog: designs that cost nothing sit at 0, the others spread over decades
     ax.set_xscale("symlog", linthresh=max(top / 1000, 1e-3))
