@@ -1058,20 +1058,17 @@ def plot_benefit_cost(records: Sequence[RunRecord], path: Path) -> None:
     the mean over seeds, bars the min–max."""
     benefit = "free 2 MiB blocks, time-weighted mean"
     fig = Figure(figsize=(11, 4.8), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    _scatter(
-        left,
-        benefit_cost_points(records, lambda r: r.order9_free_mean, _stall_ms),
-        "GPU stall (ms, symlog)",
-        benefit,
+    panels = (
+        (_stall_ms, "GPU stall (ms, symlog)", "benefit against GPU stall"),
+        (
+            _compaction_ms,
+            "migration + scanning + waits (ms, symlog)",
+            "benefit against compaction time",
+        ),
     )
-    left.set_title("benefit against GPU stall", fontsize=10)
-    _scatter(
-        right,
-        benefit_cost_points(records, lambda r: r.order9_free_mean, _compaction_ms),
-        "migration + scanning + waits (ms, symlog)",
-        benefit,
-    )
-    right.set_title("benefit against compaction time", fontsize=10)
+    for ax, (cost, xlabel, title) in zip(fig.subplots(1, 2), panels, strict=True):
+        points = benefit_cost_points(records, lambda r: r.order9_free_mean, cost)
+        _scatter(ax, points, xlabel, benefit)
+        ax.set_title(title, fontsize=10)
     fig.suptitle("Benefit against cost per design (mean across seeds; bars: min–max)")
     _save(fig, path)
