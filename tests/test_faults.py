@@ -392,4 +392,7 @@ async def test_malformed_compactor_state_and_kcompactd_args_are_refused(hook_sta
         )
     assert e.value.errno == "EINVAL"
     assert "unknown allocation kind" in str(e.value)
+    # kswapd's sleep after a reclaim: nothing to flush (no direct compaction met its scanner)
+    r = await trio.to_thread.run_sync(stack.core.call, "kswapd", {})
+    assert r == {"flushed": False}
     await trio.to_thread.run_sync(_check, stack)

@@ -136,3 +136,30 @@ def test_probe_gfp_key_is_checked() -> None:
     assert text != SMALL
     with pytest.raises(WorkloadError, match=r"small.toml:\d+: .*gfp.*thp \| hugetlb \| kernel"):
         parse_workload(text, "small.toml")
+
+
+def test_reclaim_lets_kswapd_sleep_and_flush_the_hints(mm: MemoryManager) -> None:
+    """The player's page-cache reclaim is kswapd's work: when it goes back to sleep, the skip
+    hints a met direct compaction left are flushed (only then)."""
+    from tools.inproc_backend import InprocBackend
+    from tools.workload import parse_workload
+
+    pinned_everywhere(mm)
+    st = mm.compact_state
+    assert not mm.kswapd_sleep()  # no direct compaction met its other scanner yet
+    run_slowpath(mm, 9, "thp", reclaim=lambda order: 0)
+    st.skip[:] = True
+    st.blockskip_flush = True
+    resets = st.resets
+    assert mm.kswapd_sleep()
+    assert st.resets == resets + 1
+    assert not st.skip.all()  # blocks with movable pages or free buddies are scanned again
+    assert not mm.kswapd_sleep()  # once per met pass
+    w = parse_workload('pool = "16MiB"\n\n[[phase]]\nkind = "wait"\nms = 1\n', "w.toml")
+    b = InprocBackend(w, Design.PINNED)
+    try:
+        b.mm.compact_state.blockskip_flush = True
+        b.kswapd_sleep()  # what the player calls after dropping page cache
+        assert b.mm.compact_state.resets == 1
+    finally:
+        b.teardown()

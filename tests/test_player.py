@@ -178,6 +178,10 @@ class RecordingBackend:
         self.calls.append("probe")
         return self.inner.probe(order, gfp)
 
+    def kswapd_sleep(self) -> None:
+        self.calls.append("kswapd_sleep")
+        self.inner.kswapd_sleep()
+
     def release_probes(self) -> None:
         self.calls.append("release_probes")
         self.inner.release_probes()

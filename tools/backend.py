@@ -111,6 +111,11 @@ class Backend(Protocol):
         """Free every block that successful probes hold."""
         ...
 
+    def kswapd_sleep(self) -> None:
+        """Page cache was reclaimed (by kswapd, woken by the pressure): kswapd goes back to
+        sleep, flushing the compaction skip hints as the kernel's does."""
+        ...
+
     def compact(self) -> None:
         """Compact the whole pool now (``echo 1 > compact_memory``)."""
         ...

@@ -124,6 +124,9 @@ class InprocBackend:
         self._probes.append(pfn)
         return True, latency, a.compacted > compacted
 
+    def kswapd_sleep(self) -> None:
+        self.mm.kswapd_sleep()
+
     def release_probes(self) -> None:
         for pfn in self._probes:
             self.mm.free_kernel(pfn)

@@ -291,6 +291,8 @@ class Player:
         for tag, hs in dropped.items():
             self.live[tag] = [i for i in self.live.get(tag, []) if i.handle not in hs]
         self.reclaimed_pages += freed // PAGE_SIZE
+        if freed:
+            self.b.kswapd_sleep()  # the pressure woke kswapd; it sleeps once memory is back
         return freed > 0
 
     def _allocate(self, kind: Kind, tag: str, size: int, bind: bool = False) -> bool:

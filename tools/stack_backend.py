@@ -545,6 +545,9 @@ class StackBackend:
         self._probes.append(pfn)
         return True, float(r["latency_us"]), bool(r["compacted"])
 
+    def kswapd_sleep(self) -> None:
+        self._core("kswapd", {})
+
     def release_probes(self) -> None:
         for pfn in self._probes:
             self._core("free", {"pfn": pfn})

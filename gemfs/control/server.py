@@ -474,6 +474,8 @@ class ControlServer:
                     "free": mm.free_blocks_per_order(),
                     "t": task.t,
                 }
+            case "kswapd" if role == "client":  # page cache was reclaimed: kswapd sleeps
+                return {"flushed": mm.kswapd_sleep()}
             case "compact" if role in ("compactor", "client"):
                 order = _int(args, "order", 0, MAX_ORDER) if args.get("order", -1) != -1 else -1
                 result = await self.compact(order, _mode(args))

@@ -398,8 +398,15 @@ class MemoryManager:
         if free >= wm.low:
             return 0
         freed = self.shrink_slab(wm.high - free)
-        self.compact_state.reset_isolation_suitable(self)
+        self.kswapd_sleep()
         return freed
+
+    def kswapd_sleep(self) -> bool:
+        """kswapd goes back to sleep after reclaiming (kswapd_try_to_sleep()): the skip hints
+        are flushed if a direct compaction's scanners met since (reset_isolation_suitable);
+        True if they were (counted in the state's ``skip_resets``). It wakes kcompactd for
+        order work only after a high-order wake-up (gemfs.mm.page_alloc.wake_all_kswapds)."""
+        return self.compact_state.reset_isolation_suitable(self)
 
     def shrink_slab(self, nr_pages: int) -> int:
         """Reclaim's call to the shrinkers (shrink_slab()): ask them to free at least
