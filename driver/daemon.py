@@ -237,9 +237,16 @@ class DriverDaemon:
                 gen = a.get("generation")
                 if gen is not None and (not isinstance(gen, int) or gen < 0):
                     raise _err(errno.EINVAL, "generation must be a non-negative integer")
+                keep, every = a.get("keep_ms", 0), a.get("interval_ms", 0)
+                if not all(isinstance(v, int | float) and 0 <= v < 3.6e9 for v in (keep, every)):
+                    raise _err(errno.EINVAL, "keep_ms and interval_ms must be >= 0")
+                if (keep > 0) != (every > 0):
+                    raise _err(errno.EINVAL, "a frame loop needs keep_ms and interval_ms > 0")
                 now = float((await core.call("clock", {}))["now"])  # the modelled clock
                 await self._ready(objs)
-                gem.execute(objs, now, ms / 1000, write, gen)  # no await since _ready
+                gem.execute(  # no await since _ready
+                    objs, now, ms / 1000, write, gen, keep=keep / 1000, interval=every / 1000
+                )
                 if write:  # the core drops the files' page cache for them, in one call
                     await core.call("content_changed", {"objs": [o.id for o in objs]})
                 return {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,27 @@ class DriverObject:
         return now < self.busy_until
 
 
+@dataclass(frozen=True, slots=True)
+class FrameLoop:
+    """A batch resubmitted every ``interval`` after ``start`` until ``until`` (modelled seconds):
+    a frame loop that keeps running while the workload's next phases (huge-page faults,
+    compaction) do. Compaction sees its objects and the device busy from one submission to the
+    next, as a GPU under steady load is. Its resubmissions are busy time only: they read and
+    write nothing and run no checks (the phase's explicit batches do)."""
+
+    start: float
+    interval: float
+    duration: float
+    until: float
+
+    def busy_until(self, t: float) -> float:
+        """When the last submission at or before ``t`` completes (0: none yet)."""
+        if t < self.start:
+            return 0.0
+        k = math.floor((min(t, self.until) - self.start) / self.interval + 1e-9)
+        return self.start + k * self.interval + self.duration
+
+
 @dataclass
 class GpuStats:
     batches: int = 0
@@ -141,6 +163,8 @@ class GemDriver:
     next_stamp: int = 1
     policy: DriverPolicy = DriverPolicy.WAIT_IDLE
     busy_until: float = 0.0  # the device: when its last batch completes
+    loop: FrameLoop | None = None  # the frame loop running in the background, if any
+    loop_ids: set[int] = field(default_factory=set)  # its objects still bound and mapped
 
     def add_object(self, obj_id: int, nr_pages: int, content_checksum: int) -> DriverObject:
         o = DriverObject(obj_id, nr_pages, np.full(nr_pages, -1, np.int64), content_checksum)
@@ -148,6 +172,7 @@ class GemDriver:
         return o
 
     def remove_object(self, obj_id: int) -> DriverObject | None:
+        self.loop_ids.discard(obj_id)
         return self.objects.pop(obj_id, None)
 
     # -- binding ----------------------------------------------------------------------------
@@ -192,6 +217,7 @@ class GemDriver:
         o.gtt[:] = -1
         o.bound = False
         o.mapped = False
+        self.loop_ids.discard(o.id)  # the loop's batches would re-fault it: it leaves the loop
         return held
 
     # -- the GPU ----------------------------------------------------------------------------
@@ -202,11 +228,18 @@ class GemDriver:
         duration: float,
         write: bool,
         generation: int | None = None,
+        *,
+        keep: float = 0.0,
+        interval: float = 0.0,
     ) -> None:
         """Run a batch: read every object through its GTT and check it; optionally write it.
 
         ``generation`` (optional) picks the pattern written, so a client can predict the bytes.
+        ``keep`` > 0 (with ``interval`` > 0): the batch goes on being resubmitted every
+        ``interval`` for ``keep`` more seconds (a :class:`FrameLoop`, replacing any other).
         """
+        if keep < 0 or interval < 0 or (keep > 0) != (interval > 0):
+            raise ValueError("a frame loop needs keep > 0 and interval > 0 (or neither)")
         self.stats.batches += 1
         for o in objs:
             if self.needs_bind(o):
@@ -229,6 +262,34 @@ class GemDriver:
                 self.stats.pages_written += o.nr_pages
             o.busy_until = max(o.busy_until, now + duration)
         self.busy_until = max(self.busy_until, now + duration)
+        if keep > 0:
+            self.loop = FrameLoop(now, interval, duration, now + keep)
+            self.loop_ids = {o.id for o in objs}
+
+    # -- what compaction sees: the explicit batches and the frame loop ------------------------
+    def object_busy_until(self, o: DriverObject, t: float) -> float:
+        """When the batches submitted on ``o`` by time ``t`` complete (its current fences)."""
+        b = o.busy_until
+        if self.loop is not None and o.id in self.loop_ids:
+            b = max(b, self.loop.busy_until(t))
+        return b
+
+    def device_busy_until(self, t: float) -> float:
+        b = self.busy_until
+        if self.loop is not None and self.loop_ids:
+            b = max(b, self.loop.busy_until(t))
+        return b
+
+    def device_idle_at(self, now: float, horizon: float) -> float:
+        """The first time from ``now`` the device has no work in flight (a frame loop's next
+        submission may come before the current one completes); past ``now + horizon`` the
+        search stops and returns where it got."""
+        t = now
+        while (b := self.device_busy_until(t)) > t:
+            t = b
+            if t - now > horizon:
+                break
+        return t
 
     def write_object(self, o: DriverObject, offset: int, data: bytes) -> None:
         """A CPU write through the GTT (pwrite ioctl); the object must be bound."""
@@ -257,9 +318,10 @@ class GemDriver:
     # -- migrate callback decisions -----------------------------------------------------------
     def migrate_wait(self, o: DriverObject, mode: MigrateMode, now: float) -> float | None:
         """How long to wait before the pages may move: 0 now, None never (answer -EAGAIN)."""
-        if not o.busy(now):
+        busy = self.object_busy_until(o, now)
+        if now >= busy:
             return 0.0
-        left = o.busy_until - now
+        left = busy - now
         if mode == MigrateMode.ASYNC:
             return None
         if mode == MigrateMode.SYNC_LIGHT and left > SYNC_LIGHT_WAIT_S:
@@ -284,12 +346,14 @@ class GemDriver:
         if self.policy is DriverPolicy.I915_2016:
             # struct_mutex is taken to be contended while the device has work in flight (the
             # model does not track its holders): the trylock loop spins until the device idles,
-            # and gives up with -EBUSY when that takes more than its 10 ms.
-            lock = min(max(0.0, self.busy_until - now), I915_TRYLOCK_S)
-            if self.busy_until - now > I915_TRYLOCK_S:
+            # and gives up with -EBUSY when that takes more than its 10 ms. Under a frame loop
+            # whose batches overlap the device never idles.
+            idle = self.device_idle_at(now, I915_TRYLOCK_S)
+            lock = min(idle - now, I915_TRYLOCK_S)
+            if idle - now > I915_TRYLOCK_S:
                 st.migrate_ebusy += n
                 return MigrateDecision(-EBUSY, lock_s=lock)
-            if o.busy(now + lock):  # (idle by now, unless the model's lock assumption changes)
+            if self.object_busy_until(o, now + lock) > now + lock:  # (idle by now, as above)
                 st.migrate_ebusy += n
                 return MigrateDecision(-EBUSY, lock_s=lock)
             self.unbind(o)
@@ -313,6 +377,7 @@ class GemDriver:
         seg[:] = -1
         if len(seg):
             o.mapped = False
+            self.loop_ids.discard(o.id)  # its next batch re-faults: it leaves the frame loop
         o.invalidations += 1
         self.stats.invalidations += 1
         return held

@@ -78,10 +78,18 @@ class InprocDriver:
         obj = self.mm.get(o.id)
         self.gem.bind(o, self.mm.hold(self, obj, 0, o.nr_pages))
 
-    def execute(self, objs: list[DriverObject], duration: float, write: bool) -> None:
+    def execute(
+        self,
+        objs: list[DriverObject],
+        duration: float,
+        write: bool,
+        *,
+        keep: float = 0.0,
+        interval: float = 0.0,
+    ) -> None:
         for o in objs:
             self.bind(o)
-        self.gem.execute(objs, self.mm.clock.now, duration, write)
+        self.gem.execute(objs, self.mm.clock.now, duration, write, keep=keep, interval=interval)
 
     def verify_all(self) -> int:
         """Objects whose content (through the core's page table, not the GTT) differs from

@@ -396,3 +396,22 @@ async def test_malformed_compactor_state_and_kcompactd_args_are_refused(hook_sta
     r = await trio.to_thread.run_sync(stack.core.call, "kswapd", {})
     assert r == {"flushed": False}
     await trio.to_thread.run_sync(_check, stack)
+
+
+def test_malformed_frame_loop_args_are_refused(hook_stack: Stack) -> None:
+    """exec's frame-loop arguments: a negative or non-number keep_ms/interval_ms, or one
+    without the other, is EINVAL with one line; no batch runs, the driver keeps serving."""
+    stack = hook_stack
+    r = stack.drv.call("create", {"size": 1 << 20})
+    before = stack.drv.call("stats")["batches"]
+    for bad in ({"keep_ms": -1, "interval_ms": 16}, {"keep_ms": 100}, {"interval_ms": 16},
+                {"keep_ms": "1s", "interval_ms": 16}, {"keep_ms": 100, "interval_ms": [1]},
+                {"keep_ms": 1e12, "interval_ms": 16}):  # fmt: skip
+        with pytest.raises(CallError) as e:
+            stack.drv.call("exec", {"objs": [r["obj"]], "duration_ms": 40, **bad})
+        assert e.value.errno == "EINVAL", bad
+    assert stack.drv.call("stats")["batches"] == before
+    ok = {"objs": [r["obj"]], "duration_ms": 40, "keep_ms": 100, "interval_ms": 16.7}
+    assert stack.drv.call("exec", ok)["data_errors"] == 0
+    assert stack.drv.call("stats")["batches"] == before + 1
+    _check(stack)

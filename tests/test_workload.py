@@ -255,3 +255,15 @@ def test_same_seed_same_sizes() -> None:
     w1 = parse_workload(SMALL)
     w2 = parse_workload(SMALL)
     assert w1 == w2
+
+
+def test_frame_loop_key(tmp_path: Path) -> None:
+    """keep_ms on a gpu phase: a frame loop of the phase's last batch; it needs interval_ms."""
+    looped = SMALL.replace("interval_ms = 20", "interval_ms = 20\n  keep_ms = 500")
+    assert looped != SMALL
+    gpu = next(p for p in walk(parse_workload(looped, "w.toml").phases) if isinstance(p, Gpu))
+    assert (gpu.keep_s, gpu.interval_s) == (pytest.approx(0.5), pytest.approx(0.02))
+    text = SMALL.replace("interval_ms = 20", "keep_ms = 500")
+    err = error_for(tmp_path, text)
+    assert err.line == line_of(text, "keep_ms = 500")
+    assert "keep_ms needs interval_ms > 0" in err.message

@@ -77,10 +77,20 @@ class Backend(Protocol):
         """Free a GEM object or a page-cache file (waits for its GPU work; drops its pins)."""
         ...
 
-    def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
+    def execute(
+        self,
+        handles: Sequence[Handle],
+        duration_s: float,
+        write: bool,
+        *,
+        keep_s: float = 0.0,
+        interval_s: float = 0.0,
+    ) -> None:
         """Submit one GPU batch over these objects, binding (pinning) those not bound.
 
         The objects stay busy for ``duration_s`` of backend time; ``write`` changes their contents.
+        ``keep_s`` > 0: the batch goes on being resubmitted every ``interval_s`` for ``keep_s``
+        more (a frame loop: its objects and the device stay busy while later phases run).
         """
         ...
 

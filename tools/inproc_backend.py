@@ -89,8 +89,17 @@ class InprocBackend:
         else:
             raise KeyError(f"no object or file with handle {handle}")
 
-    def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
-        self.driver.execute([self._objects[h] for h in handles], duration_s, write)
+    def execute(
+        self,
+        handles: Sequence[Handle],
+        duration_s: float,
+        write: bool,
+        *,
+        keep_s: float = 0.0,
+        interval_s: float = 0.0,
+    ) -> None:
+        objs = [self._objects[h] for h in handles]
+        self.driver.execute(objs, duration_s, write, keep=keep_s, interval=interval_s)
 
     def page_cache(self, size: int) -> Handle:
         h = self._handle()

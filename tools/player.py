@@ -333,13 +333,18 @@ class Player:
                     for i in self.live.get(tag, [])
                     if i.kind is Kind.OBJECT
                 ]
-                for _ in range(phase.repeat):
+                for r in range(phase.repeat):
                     if objs:
                         n = phase.count if phase.count is not None else phase.fraction * len(objs)
                         k = min(len(objs), max(1, round(n)))
                         pick = np.sort(self.rng.choice(len(objs), size=k, replace=False))
+                        last = r == phase.repeat - 1  # a frame loop goes on from the last batch
                         self.b.execute(
-                            [objs[i] for i in pick.tolist()], phase.duration_s, phase.write
+                            [objs[i] for i in pick.tolist()],
+                            phase.duration_s,
+                            phase.write,
+                            keep_s=phase.keep_s if last else 0.0,
+                            interval_s=phase.interval_s if last and phase.keep_s else 0.0,
                         )
                     if phase.interval_s:
                         self.b.advance(phase.interval_s)

@@ -498,10 +498,20 @@ class StackBackend:
         else:
             raise KeyError(f"no object or file with handle {handle}")
 
-    def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
+    def execute(
+        self,
+        handles: Sequence[Handle],
+        duration_s: float,
+        write: bool,
+        *,
+        keep_s: float = 0.0,
+        interval_s: float = 0.0,
+    ) -> None:
         ids = [self._objects[h] for h in handles]
-        ms = duration_s * 1000
-        self._drv("exec", {"objs": ids, "duration_ms": ms, "write": write})
+        args: dict[str, Any] = {"objs": ids, "duration_ms": duration_s * 1000, "write": write}
+        if keep_s > 0:
+            args |= {"keep_ms": keep_s * 1000, "interval_ms": interval_s * 1000}
+        self._drv("exec", args)
 
     def page_cache(self, size: int) -> Handle:
         h = self._handle()

@@ -50,7 +50,11 @@ page-cache     Unpinned movable files (the rest of the system; they can always m
 gpu            GPU batches. ``tag`` (a tag or a list); ``fraction`` (of those objects, per batch;
                default 1) or ``count``; ``duration_ms`` (default 1); ``access`` (read | write;
                default read); ``repeat`` (batches, default 1); ``interval_ms`` (time between
-               batch submissions, default 0)
+               batch submissions, default 0); ``keep_ms`` (default 0: a frame loop -- the last
+               batch is resubmitted every ``interval_ms`` for this much more modelled time
+               while the next phases run, so the driver's migrate callbacks find its objects
+               and the device busy; the loop's batches are busy time only, reading and writing
+               nothing; a later loop replaces it)
 free           ``tag``; one of ``every`` (every Nth in creation order, from ``offset``, default
                0), ``fraction`` (random), ``count`` (the oldest N), ``all = true``
 noise          Kernel allocations of another migrate type. ``tag``; ``type`` (unmovable |
@@ -271,6 +275,7 @@ class Gpu:
     write: bool = False
     repeat: int = 1
     interval_s: float = 0.0
+    keep_s: float = 0.0  # the last batch goes on every interval_s for this long (a frame loop)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -805,7 +810,16 @@ _COMMON = ("kind", "name")
 _KEYS: dict[str, tuple[str, ...]] = {
     "create": ("tag", "count", "fill", "size", "bind", "start_offset"),
     "page-cache": ("tag", "count", "fill", "size", "start_offset"),
-    "gpu": ("tag", "fraction", "count", "duration_ms", "access", "repeat", "interval_ms"),
+    "gpu": (
+        "tag",
+        "fraction",
+        "count",
+        "duration_ms",
+        "access",
+        "repeat",
+        "interval_ms",
+        "keep_ms",
+    ),
     "free": ("tag", "every", "offset", "fraction", "count", "all"),
     "noise": ("tag", "type", "order", "count", "pages"),
     "probe": ("order", "size", "count", "repeat", "interval_ms", "hold", "gfp"),
@@ -864,6 +878,10 @@ def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Pha
                 count = t.int_("count", lo=1)
             else:
                 fraction = t.float_("fraction", 1.0, lo=0.0, hi=1.0, lo_open=True)
+            interval_s = t.float_("interval_ms", 0.0, lo=0.0, hi=3_600_000.0) / 1000
+            keep_s = t.float_("keep_ms", 0.0, lo=0.0, hi=3_600_000.0) / 1000
+            if keep_s and not interval_s:
+                raise t.error("keep_ms", "keep_ms needs interval_ms > 0 (the loop's period)")
             return Gpu(
                 name=name,
                 tags=_tags(t),
@@ -872,7 +890,8 @@ def _phase(ctx: _Ctx, data: object, path: KeyPath, where: str, pool: int) -> Pha
                 duration_s=t.float_("duration_ms", 1.0, lo=0.0, hi=3_600_000.0) / 1000,
                 write=t.choice("access", ("read", "write"), "read") == "write",
                 repeat=t.int_("repeat", 1, lo=1, hi=1_000_000),
-                interval_s=t.float_("interval_ms", 0.0, lo=0.0, hi=3_600_000.0) / 1000,
+                interval_s=interval_s,
+                keep_s=keep_s,
             )
         case "free":
             which = t.one_of(("every", "fraction", "count", "all"))
