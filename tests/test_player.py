@@ -158,9 +158,17 @@ class RecordingBackend:
         self.calls.append("close")
         self.inner.close(handle)
 
-    def execute(self, handles: Sequence[Handle], duration_s: float, write: bool) -> None:
+    def execute(
+        self,
+        handles: Sequence[Handle],
+        duration_s: float,
+        write: bool,
+        *,
+        keep_s: float = 0.0,
+        interval_s: float = 0.0,
+    ) -> None:
         self.calls.append("execute")
-        self.inner.execute(handles, duration_s, write)
+        self.inner.execute(handles, duration_s, write, keep_s=keep_s, interval_s=interval_s)
 
     def page_cache(self, size: int) -> Handle:
         self.calls.append("page_cache")
