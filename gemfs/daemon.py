@@ -178,6 +178,7 @@ async def serve(
     design: Design | str = Design.SHMEM_HOOK,
     movablecore: str | None = None,
     confine_granule: str | None = None,
+    ttm_pool: str | None = None,
     control_path: str | None = None,
     services: Sequence[Service] = (),
     test_faults: bool = False,
@@ -195,7 +196,11 @@ async def serve(
         raise MountError(f"control socket {control_path} is in use by a live server")
     try:
         mm = MemoryManager(
-            pool, design=design, movablecore=movablecore, confine_granule=confine_granule
+            pool,
+            design=design,
+            movablecore=movablecore,
+            confine_granule=confine_granule,
+            ttm_pool=ttm_pool,
         )
     except ValueError as e:
         raise MountError(str(e)) from None

@@ -65,6 +65,13 @@ DESIGNS = (
     help="confine: the step its region grows and shrinks by, a multiple of 4MiB "
     "(default 1GiB, or a 32nd of smaller pools).",
 )
+@click.option(
+    "--ttm-pool",
+    metavar="SIZE|N%",
+    help="pinned-ttm: what TTM's page pools may hold, like ttm.page_pool_size=: a size or a "
+    "share of the pool (default 50%, amdgpu's write-combined BOs), 0 for none (cached BOs, "
+    "arm64). Example: --ttm-pool 0",
+)
 @click.option("--control", metavar="PATH", help="Unix socket for the driver and compactor.")
 @click.option(
     "--allow-uid",
@@ -93,6 +100,7 @@ def mount(
     design: str,
     movablecore: str | None,
     confine_granule: str | None,
+    ttm_pool: str | None,
     control: str | None,
     allow_uids: tuple[int, ...],
     callback_timeout: float | None,
@@ -115,15 +123,15 @@ def mount(
         os.environ["GEMFS_ALLOW_UIDS"] = ",".join(str(u) for u in allow_uids)
     if callback_timeout is not None:
         os.environ["GEMFS_CALLBACK_TIMEOUT"] = str(callback_timeout)
-    regions = Regions(movablecore, confine_granule)
+    options = DesignOptions(movablecore, confine_granule, ttm_pool)
     try:
-        _check_args(mountpoint, pool, design, regions)
+        _check_args(mountpoint, pool, design, options)
         if foreground:
             _serve_foreground(
                 mountpoint,
                 pool,
                 design,
-                regions,
+                options,
                 control,
                 debug,
                 not no_prefault,
@@ -132,7 +140,7 @@ def mount(
             )
             return
         extra = [*(["--debug"] if debug else []), *(["--no-prefault"] if no_prefault else [])]
-        extra += regions.args()
+        extra += options.args()
         args = server_args(  # absolute paths: the daemon runs in "/"
             os.path.abspath(mountpoint),
             pool=pool,
@@ -153,38 +161,45 @@ def mount(
         raise click.ClickException(str(e)) from None
 
 
-class Regions(NamedTuple):
-    """The mount's region options (longterm-pin, confine; gemfs.mm.region)."""
+class DesignOptions(NamedTuple):
+    """The mount's design knobs: the regions of longterm-pin and confine (gemfs.mm.region) and
+    pinned-ttm's page pools (gemfs.mm.ttm). None: the design's default."""
 
     movablecore: str | None
     confine_granule: str | None
+    ttm_pool: str | None
+
+    def given(self) -> dict[str, str]:
+        """The knobs given, by name (Design.knob's names)."""
+        return {k: v for k, v in self._asdict().items() if v is not None}
 
     def args(self) -> list[str]:
-        out = [] if self.movablecore is None else [f"--movablecore={self.movablecore}"]
-        if self.confine_granule is not None:
-            out.append(f"--confine-granule={self.confine_granule}")
-        return out
+        return [f"--{k.replace('_', '-')}={v}" for k, v in self.given().items()]
 
 
-def _check_args(mountpoint: str, pool: str, design: str, regions: Regions) -> None:
+def _check_args(mountpoint: str, pool: str, design: str, options: DesignOptions) -> None:
     from gemfs.mm.pool import check_memory, check_pool_size
     from gemfs.mm.region import confine_granule_pages, movablecore_pages
+    from gemfs.mm.ttm import ttm_pool_pages
     from gemfs.mm.types import PAGE_SIZE, Design
 
     check_fuse_device()
     check_mountpoint(mountpoint)
+    checks = {
+        "movablecore": movablecore_pages,
+        "confine_granule": confine_granule_pages,
+        "ttm_pool": ttm_pool_pages,
+    }
     try:
         size = check_pool_size(pool)
         check_memory(size)  # before the server starts: at once, one line
         d = Design.parse(design)
-        if regions.movablecore is not None:
-            if d is not Design.LONGTERM_PIN:
-                raise ValueError("--movablecore applies to the longterm-pin design only")
-            movablecore_pages(regions.movablecore, size // PAGE_SIZE)
-        if regions.confine_granule is not None:
-            if d is not Design.CONFINE:
-                raise ValueError("--confine-granule applies to the confine design only")
-            confine_granule_pages(regions.confine_granule, size // PAGE_SIZE)
+        for key, value in options.given().items():
+            if d.knob != key:
+                owner = next(x for x in Design if x.knob == key)
+                opt = "--" + key.replace("_", "-")
+                raise ValueError(f"{opt} applies to the {owner} design only")
+            checks[key](value, size // PAGE_SIZE)
     except ValueError as e:
         raise MountError(str(e)) from None
 
@@ -193,7 +208,7 @@ def _serve_foreground(
     mountpoint: str,
     pool: str,
     design: str,
-    regions: Regions,
+    options: DesignOptions,
     control: str | None,
     debug: bool,
     prefault: bool,
@@ -214,8 +229,9 @@ def _serve_foreground(
         mountpoint,
         pool=pool,
         design=design,
-        movablecore=regions.movablecore,
-        confine_granule=regions.confine_granule,
+        movablecore=options.movablecore,
+        confine_granule=options.confine_granule,
+        ttm_pool=options.ttm_pool,
         control_path=control,
         test_faults=test_faults,
         prefault=prefault,

@@ -17,6 +17,7 @@ import pytest
 from driver.gem import MALI_FLUSH_PAGE_US, DriverPolicy, MigrateDecision
 from gemfs.mm import MemoryManager
 from gemfs.mm.pool import PG_ALLOC, PG_MT_MASK, PG_MT_SHIFT
+from gemfs.mm.ttm import ttm_pool_pages
 from gemfs.mm.types import PAGEBLOCK_ORDER, Design, MigrateMode, MigrateType, OutOfMemory
 from gemfs_cli.cmd_mount import DESIGNS
 from tools.inproc_backend import InprocBackend
@@ -150,12 +151,9 @@ def _above_fence(mm: MemoryManager) -> tuple[int, int, int]:
     return f, int(np.count_nonzero(mm.pool.pin[f:])), nonmovable
 
 
-def play(design: Design, w: Workload | None = None, *, ttm_pool_limit: int | None = None) -> Played:
+def play(design: Design, w: Workload | None = None) -> Played:
     w = w or parse_workload(DESKTOP, "desktop-small.toml")
     b = InprocBackend(w, design)
-    if ttm_pool_limit is not None:
-        assert b.mm.ttm is not None
-        b.mm.ttm.limit = ttm_pool_limit
     try:
         record = Player(w, b, design.value).run().record
         b.mm.check()
@@ -237,18 +235,28 @@ def test_pinned_ttm_allocates_high_orders_first_and_reuses_its_pools(
 
 
 def test_pinned_ttm_pollution_per_pinned_mib() -> None:
-    """Highest order first keeps a GEM object in few pageblocks: with the pools off (limit 0)
-    TTM pollutes fewer pageblocks per pinned MiB than drm_gem_shmem's page-at-a-time
-    allocation. The pools undo it: blocks kept for reuse stay UNMOVABLE and allocated, where
-    a freed page would have merged back, so with TTM's default limit (half of memory) more
-    pageblocks hold a pinned or pooled page than under pinned-unmovable."""
-    w = parse_workload(DESKTOP.replace("fill = 0.9", "fill = 0.7"), "desktop-small.toml")
+    """Highest order first alone (``ttm_pool = "0"``: cached BOs on x86, arm64) pollutes fewer
+    pageblocks per pinned MiB than drm_gem_shmem's page-at-a-time allocation. TTM's
+    write-combined page pools at the default half of memory undo it: blocks kept for reuse stay
+    UNMOVABLE and allocated, where a freed page would have merged back, so more pageblocks hold
+    a pinned or pooled page than under pinned-unmovable."""
+    text = DESKTOP.replace("fill = 0.9", "fill = 0.7")
+    w = parse_workload(text, "desktop-small.toml")
+    w0 = parse_workload(
+        text.replace("[compactor]", '[design]\nttm_pool = "0"\n\n[compactor]'), "desktop-small.toml"
+    )
+    assert (w.ttm_pool, w0.ttm_pool) == (None, "0")
     shmem = play(Design.PINNED_UNMOVABLE, w)
     ttm = play(Design.PINNED_TTM, w)
-    no_pool = play(Design.PINNED_TTM, w, ttm_pool_limit=0)
+    no_pool = play(Design.PINNED_TTM, w0)
     assert shmem.pinned_mib == ttm.pinned_mib == no_pool.pinned_mib > 10
     assert no_pool.polluted_per_pinned_mib < 0.9 * shmem.polluted_per_pinned_mib
     assert ttm.polluted_per_pinned_mib > shmem.polluted_per_pinned_mib
+    # the pools are really off with "0", and used at the default
+    assert no_pool.record.vmstat.get("ttm_pool_hit_pages", 0) == 0
+    assert no_pool.record.vmstat.get("ttm_pool_pages", 0) == 0
+    assert ttm.record.vmstat.get("ttm_pool_hit_pages", 0) > 0
+    assert no_pool.record.provenance["design_options"]["ttm_pool"] == "0"
 
 
 # -- research: Illuminator ----------------------------------------------------------------------
@@ -342,6 +350,46 @@ def test_longterm_pin_keeps_unmovable_allocations_below_the_fence() -> None:
         mm.check()
     finally:
         mm.close()
+
+
+def test_ttm_pool_is_a_share_a_size_or_none() -> None:
+    n = 64 * 256  # a 64 MiB pool
+    assert ttm_pool_pages(None, n) == ttm_pool_pages("50%", n) == n // 2  # page_pool_size
+    assert ttm_pool_pages("0", n) == ttm_pool_pages("0%", n) == 0
+    assert ttm_pool_pages("64MiB", n) == ttm_pool_pages("100%", n) == n
+    assert ttm_pool_pages(" 8MiB ", n) == 2048
+    assert ttm_pool_pages("10000", n) == 2  # bytes, rounded down to whole pages
+    bad = "(a size, a percentage, or 0 for no pooling)"
+    for spec, message in (
+        ("bogus", f"bad ttm_pool 'bogus' {bad}"),
+        ("x%", f"bad ttm_pool 'x%' {bad}"),
+        ("-1MiB", f"bad ttm_pool '-1MiB' {bad}"),
+        ("", f"bad ttm_pool '' {bad}"),
+        ("101%", "ttm_pool '101%' must be between 0% and 100%"),
+        ("-5%", "ttm_pool '-5%' must be between 0% and 100%"),
+        ("nan%", "ttm_pool 'nan%' must be between 0% and 100%"),
+        ("65MiB", "ttm_pool '65MiB' is larger than the pool"),
+    ):
+        with pytest.raises(ValueError, match="ttm_pool") as info:
+            ttm_pool_pages(spec, n)
+        assert str(info.value) == message
+    # the MemoryManager's TTM pool takes its limit from the knob; other designs have no pool
+    knobs: list[tuple[str | None, int]] = [
+        (None, n // 2),
+        ("0", 0),
+        ("16MiB", 4096),
+        ("25%", n // 4),
+    ]
+    for knob, limit in knobs:
+        mm = MemoryManager("64MiB", design=Design.PINNED_TTM, ttm_pool=knob, content=False)
+        assert mm.ttm is not None
+        assert mm.ttm.limit == limit
+        mm.close()
+    with pytest.raises(ValueError, match=r"^bad ttm_pool 'lots'"):
+        MemoryManager("64MiB", design=Design.PINNED_TTM, ttm_pool="lots", content=False)
+    mm = MemoryManager("64MiB", design=Design.PINNED, ttm_pool="0", content=False)
+    assert mm.ttm is None
+    mm.close()
 
 
 def test_region_options_are_checked_with_one_line() -> None:

@@ -142,7 +142,7 @@ def documented_keys() -> dict[str, tuple[str, ...]]:
         "top level": ("name", "description", "pool", "seed", "page_size"),
         "[compactor]": ("proactiveness", "interval_ms", "order"),
         "[driver]": ("migratetype",),
-        "[design]": ("movablecore", "confine_granule"),
+        "[design]": ("movablecore", "confine_granule", "ttm_pool"),
         "[costs]": costs,
         "sizes": ("dist", "min", "max", "median", "sigma", "sizes", "weights"),
         **{kind: _KEYS[kind] for kind in KINDS},

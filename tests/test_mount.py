@@ -416,6 +416,9 @@ def test_background_mount_returns_when_ready(tmp_path: Path) -> None:
         (["{dir}", "--movablecore", "50%"], "applies to the longterm-pin design only"),
         (["{dir}", "--design", "confine", "--confine-granule", "6MiB"], "multiple of 4MiB"),
         (["{dir}", "--design", "pinned", "--confine-granule", "8MiB"], "confine design only"),
+        (["{dir}", "--ttm-pool", "0"], "--ttm-pool applies to the pinned-ttm design only"),
+        (["{dir}", "--design", "pinned-ttm", "--ttm-pool", "lots"], "bad ttm_pool 'lots'"),
+        (["{dir}", "--design", "pinned-ttm", "--ttm-pool", "1GiB"], "larger than the pool"),
         # --design is a click.Choice (a usage error): tests/test_first_hour_help.py
     ],
 )

@@ -80,3 +80,23 @@ def test_same_record_in_process_and_on_the_stack(design: Design) -> None:
         assert a.costs["region_grows"] > 0
         assert a.costs["evacuated_pages"] > 100
     assert [p.time_s for p in inproc.timeline] == pytest.approx([p.time_s for p in stack.timeline])
+
+
+def test_a_design_knob_is_the_same_in_process_and_on_the_stack() -> None:
+    """pinned-ttm without page pools (``[design] ttm_pool = "0"``: the stack's mount gets
+    ``--ttm-pool=0``, and not longterm-pin's movablecore, which it would refuse): the same
+    record, and nothing came from a pool."""
+    knobs = '[design]\nttm_pool = "0"\nmovablecore = "25%"\n\n[compactor]'
+    text = BUSY.replace("[compactor]", knobs)
+    w = parse_workload(text, "busy.toml")
+    d = Design.PINNED_TTM
+    a = play(w, InprocBackend(w, d), d).record
+    b = play(w, StackBackend(w, d), d).record
+    assert _diff(_comparable(a.to_json()), _comparable(b.to_json())) == []
+    assert a.vmstat["ttm_alloc_pages"] > 0
+    assert a.vmstat.get("ttm_pool_hit_pages", 0) == b.vmstat.get("ttm_pool_hit_pages", 0) == 0
+    assert b.provenance["design_options"] == {
+        "movablecore": "25%",
+        "confine_granule": None,
+        "ttm_pool": "0",
+    }

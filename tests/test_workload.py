@@ -134,6 +134,23 @@ def test_bad_value(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("bogus", "bad ttm_pool 'bogus' (a size, a percentage, or 0 for no pooling)"),
+        ("150%", "ttm_pool '150%' must be between 0% and 100%"),
+        ("64MiB", "ttm_pool '64MiB' is larger than the pool"),  # SMALL's pool is 32MiB
+    ],
+)
+def test_bad_ttm_pool_names_its_line(tmp_path: Path, value: str, expected: str) -> None:
+    text = SMALL.replace("[compactor]", f'[design]\nttm_pool = "{value}"\n\n[compactor]')
+    err = error_for(tmp_path, text)
+    assert err.line == line_of(text, "ttm_pool =")
+    assert err.message == f"[design]: {expected}"
+    good = SMALL.replace("[compactor]", '[design]\nttm_pool = "8MiB"\n\n[compactor]')
+    assert load_workload(write_small(tmp_path, good, "good.toml")).ttm_pool == "8MiB"
+
+
+@pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
         ('pool = "32MiB"', 'pool = "33MiB"', "multiple of 4MiB"),

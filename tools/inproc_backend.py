@@ -44,6 +44,7 @@ class InprocBackend:
             content=content,
             movablecore=workload.movablecore,
             confine_granule=workload.confine_granule,
+            ttm_pool=workload.ttm_pool,
         )
         self.clock = self.mm.clock
         self._cost_table = self.mm.costs.to_json()

@@ -511,12 +511,13 @@ class Player:
                 "cost_table": dict(end["cost_table"]),
                 "cost_sources": dict(COST_SOURCES),
                 "workload_file": self.w.path,
-                # the driver's migrate callback (driver.gem.DriverPolicy) and the regions of
-                # longterm-pin / confine as the workload set them (None: the default)
+                # the driver's migrate callback (driver.gem.DriverPolicy) and the knobs of
+                # longterm-pin / confine / pinned-ttm as the workload set them (None: the default)
                 "driver_policy": self.w.driver_policy.value,
                 "design_options": {
                     "movablecore": self.w.movablecore,
                     "confine_granule": self.w.confine_granule,
+                    "ttm_pool": self.w.ttm_pool,
                 },
             },
         )

@@ -137,13 +137,22 @@ class Stack:
         driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
         movablecore: str | None = None,
         confine_granule: str | None = None,
+        ttm_pool: str | None = None,
     ) -> None:
         self.driver_policy = driver_policy
-        # the regions of longterm-pin and confine: options of the mount this stack starts
-        self.region_args = [
-            *([f"--movablecore={movablecore}"] if movablecore is not None else []),
-            *([f"--confine-granule={confine_granule}"] if confine_granule is not None else []),
-        ]
+        # the design's own knob (longterm-pin, confine, pinned-ttm): an option of the mount this
+        # stack starts. The others are left out, as in process: a mount refuses another
+        # design's knob, a workload's knobs hold for whichever design it is played under.
+        knob = design.knob
+        values = {
+            "movablecore": movablecore,
+            "confine_granule": confine_granule,
+            "ttm_pool": ttm_pool,
+        }
+        value = None if knob is None else values[knob]
+        self.knob_args = []
+        if knob is not None and value is not None:
+            self.knob_args.append(f"--{knob.replace('_', '-')}={value}")
         self.design = design
         self.allow_uids = list(allow_uids)
         self.workdir = Path(tempfile.mkdtemp(prefix="gemfs-stack-"))
@@ -198,7 +207,7 @@ class Stack:
                     "--log",
                     str(self.workdir / "mount.log"),
                     *[f"--allow-uid={u}" for u in self.allow_uids],
-                    *self.region_args,
+                    *self.knob_args,
                 ],
                 capture_output=True,
                 text=True,
@@ -442,6 +451,7 @@ class StackBackend:
             driver_policy=workload.driver_policy,
             movablecore=workload.movablecore,
             confine_granule=workload.confine_granule,
+            ttm_pool=workload.ttm_pool,
         )
         self.core, self.drv = self.stack.core, self.stack.drv
         self.mountpoint = self.stack.mountpoint

@@ -17,11 +17,15 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
     policy = "i915-2016"            #   the migrate callback: wait-idle (default) | i915-2016 |
                                     #   per-page-flush (sets flush_page_us unless [costs] does)
 
-    [design]                        # optional: the regions of two designs (gemfs/mm/region.py)
-    movablecore = "50%"             #   longterm-pin: the movable region, a size or a share of
-                                    #   the pool (movablecore=); default 50%
+    [design]                        # optional: knobs of three designs (gemfs/mm/region.py,
+    movablecore = "50%"             #   gemfs/mm/ttm.py). longterm-pin: the movable region, a
+                                    #   size or a share of the pool (movablecore=); default 50%
     confine_granule = "8MiB"        #   confine: the step its region grows and shrinks by, a
                                     #   multiple of 4MiB; default 1GiB, or pool/32 when smaller
+    ttm_pool = "0"                  #   pinned-ttm: what TTM's page pools may hold, a size or a
+                                    #   share of the pool (ttm.page_pool_size=); default 50%
+                                    #   (amdgpu's write-combined BOs); "0": no pooling (cached
+                                    #   BOs on x86, every BO on arm64)
 
     [compactor]                     # kcompactd's settings (all optional)
     proactiveness = 20              # 0..100 (vm.compaction_proactiveness); 0: none
@@ -118,6 +122,7 @@ from gemfs.mm.costs import CostTable
 from gemfs.mm.page_alloc import AllocKind
 from gemfs.mm.pool import check_pool_size
 from gemfs.mm.region import confine_granule_pages, movablecore_pages
+from gemfs.mm.ttm import ttm_pool_pages
 from gemfs.mm.types import MAX_ORDER, PAGE_SIZE, MigrateType, format_size, parse_size
 
 I64 = npt.NDArray[np.int64]
@@ -367,6 +372,8 @@ class Workload:
     # (gemfs.mm.region; None: the default)
     movablecore: str | None = None
     confine_granule: str | None = None
+    # [design] ttm_pool: what pinned-ttm's page pools may hold (gemfs.mm.ttm; None: the default)
+    ttm_pool: str | None = None
 
     def with_driver_policy(self, policy: DriverPolicy) -> Workload:
         """The workload with another driver policy; the cost-table entries the policy implies
@@ -1047,23 +1054,25 @@ def workload_from_data(
             )
         if dt.has("policy"):
             policy = DriverPolicy.parse(dt.choice("policy", tuple(p.value for p in DriverPolicy)))
-    movablecore = confine_granule = None
+    movablecore = confine_granule = ttm_pool = None
     if top.has("design"):
         dz = top.table("design", "[design]")
-        dz.allow(("movablecore", "confine_granule"))
+        dz.allow(("movablecore", "confine_granule", "ttm_pool"))
         nr_pages = pool // PAGE_SIZE
-        region: dict[str, str | None] = {}
+        knobs: dict[str, str | None] = {}
         for key, check in (
             ("movablecore", movablecore_pages),
             ("confine_granule", confine_granule_pages),
+            ("ttm_pool", ttm_pool_pages),
         ):
-            region[key] = dz.str_(key) if dz.has(key) else None
-            if (value := region[key]) is not None:
+            knobs[key] = dz.str_(key) if dz.has(key) else None
+            if (value := knobs[key]) is not None:
                 try:
                     check(value, nr_pages)
                 except ValueError as e:
                     raise dz.error(key, str(e)) from None
-        movablecore, confine_granule = region["movablecore"], region["confine_granule"]
+        movablecore, confine_granule = knobs["movablecore"], knobs["confine_granule"]
+        ttm_pool = knobs["ttm_pool"]
     raw_phases = top.raw("phase")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise top.error("phase", "phase must be one or more [[phase]] tables")
@@ -1083,6 +1092,7 @@ def workload_from_data(
         gem_migratetype=gem_mt,
         movablecore=movablecore,
         confine_granule=confine_granule,
+        ttm_pool=ttm_pool,
     ).with_driver_policy(policy)
 
 

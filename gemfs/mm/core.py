@@ -45,7 +45,7 @@ from gemfs.mm.pool import (
     PagePool,
 )
 from gemfs.mm.trace import Tracer
-from gemfs.mm.ttm import TtmPool
+from gemfs.mm.ttm import TtmPool, ttm_pool_pages
 from gemfs.mm.types import (
     MAX_ORDER,
     NR_MIGRATETYPES,
@@ -157,10 +157,13 @@ class MemoryManager:
         content: bool = True,
         movablecore: str | None = None,
         confine_granule: str | None = None,
+        ttm_pool: str | None = None,
     ) -> None:
         """``movablecore``: longterm-pin's movable region (a size or a share of the pool);
         ``confine_granule``: the step confine's region grows and shrinks by (see
-        :mod:`gemfs.mm.region` for both defaults). Bad values: ValueError."""
+        :mod:`gemfs.mm.region` for both defaults); ``ttm_pool``: the pages pinned-ttm's page
+        pools may hold (:func:`gemfs.mm.ttm.ttm_pool_pages`; default half of memory). Bad
+        values: ValueError."""
         self.design = Design.parse(design) if isinstance(design, str) else design
         self.pool = PagePool(size, content=content)
         self.buddy = BuddyAllocator(self.pool)
@@ -185,10 +188,15 @@ class MemoryManager:
         self.nr_kernel_pages = 0
         self.compact_state = ZoneCompactState(self.pool.nr_pageblocks)
         # pinned-ttm: the driver's objects get their pages through TTM's pools (page_pool_size
-        # defaults to half of memory, ttm_pool_mgr_init()).
+        # defaults to half of memory, ttm_pool_mgr_init(); "0": nothing pooled)
         self.ttm: TtmPool | None = None
         if self.design is Design.PINNED_TTM:
-            self.ttm = TtmPool(self, limit=self.pool.nr_pages // 2)
+            try:
+                limit = ttm_pool_pages(ttm_pool, self.pool.nr_pages)
+            except ValueError:
+                self.pool.close()
+                raise
+            self.ttm = TtmPool(self, limit=limit)
         self.watermarks = page_alloc.watermarks(self.pool.nr_pages)
         # defrag-mode (vm.defrag_mode, 6.15): no allocation takes part of another type's
         # pageblock until reclaim and compaction have had their turn; kcompactd keeps the high

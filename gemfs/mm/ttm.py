@@ -9,8 +9,9 @@ get the pages of a buffer object.
   may enter reclaim, which here is the pool's own shrinker.
 - :meth:`TtmPool.give_back` is ``ttm_pool_free()``: the blocks of a destroyed object go on the
   per-order lists (they stay allocated, UNMOVABLE, as kernel memory) for the next object, as long
-  as the pool holds at most ``limit`` pages (``page_pool_size``: by default half of memory);
-  beyond it blocks go back to the buddy (``ttm_pool_shrink()``).
+  as the pool holds at most ``limit`` pages (``page_pool_size``: by default half of memory;
+  :func:`ttm_pool_pages` reads the design knob ``ttm_pool``); beyond it blocks go back to the
+  buddy (``ttm_pool_shrink()``).
 - :meth:`TtmPool.shrink` is the shrinker (``ttm_pool_shrinker_scan()``): under memory pressure
   (direct reclaim in the allocator's slow path, or an allocation that found no page) it frees
   pooled blocks to the buddy allocator, one pool after another. Every pool is a stack, as
@@ -19,7 +20,10 @@ get the pages of a buffer object.
 
 On x86 TTM pools write-combined and uncached pages (amdgpu's GTT buffers, by default
 write-combined); cached pages are pooled only with DMA allocation or a NUMA-node pool
-(``ttm_pool_select_type()``). The model pools every block of the design's objects.
+(``ttm_pool_select_type()``); on arm64 without DMA allocation nothing is pooled. The model
+pools every block of the design's objects up to ``limit``: ``ttm_pool = "50%"`` (the default)
+models amdgpu's write-combined buffers, ``ttm_pool = "0"`` cached BOs (xe on integrated GPUs,
+most BOs) and arm64, whose freed pages go straight back to the buddy allocator.
 
 The pool does its bookkeeping on the :class:`~gemfs.mm.core.MemoryManager`'s arrays: pooled
 frames are kernel frames (``OWNER_KERNEL``) counted in ``nr_kernel_pages``.
@@ -34,13 +38,37 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gemfs.mm.pool import I64, OWNER_KERNEL, PG_ALLOC, PG_MT_SHIFT
-from gemfs.mm.types import PAGEBLOCK_ORDER, MigrateType, OutOfMemory
+from gemfs.mm.types import PAGE_SIZE, PAGEBLOCK_ORDER, MigrateType, OutOfMemory, parse_size
 
 if TYPE_CHECKING:
     from gemfs.mm.core import MemoryManager
 
 TTM_MAX_ORDER = PAGEBLOCK_ORDER  # the largest block a TTM object takes here (2 MiB)
 SWAP_CLUSTER_MAX = 32  # include/linux/swap.h: pages direct reclaim tries to free per pass
+DEFAULT_TTM_POOL = "50%"  # ttm_pool_mgr_init(): page_pool_size defaults to half of memory
+
+
+def ttm_pool_pages(spec: str | None, nr_pages: int) -> int:
+    """Pages TTM's pools may hold for ``ttm_pool`` SPEC (``ttm.page_pool_size=``): a share of
+    the pool (``50%``, the default), a size (``64MiB``, rounded down to whole pages) or ``0``
+    (no pooling: cached BOs on x86, every BO on arm64); at most the whole pool."""
+    text = (DEFAULT_TTM_POOL if spec is None else spec).strip()
+    bad = f"bad ttm_pool {spec!r} (a size, a percentage, or 0 for no pooling)"
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(bad) from None
+        if not 0 <= pct <= 100:
+            raise ValueError(f"ttm_pool {spec!r} must be between 0% and 100%")
+        return int(nr_pages * pct / 100)
+    try:
+        pages = parse_size(text) // PAGE_SIZE
+    except ValueError:
+        raise ValueError(bad) from None
+    if pages > nr_pages:
+        raise ValueError(f"ttm_pool {spec!r} is larger than the pool")
+    return pages
 
 
 @dataclass
@@ -93,7 +121,10 @@ class TtmPool:
                 left -= 1 << order
         except OutOfMemory:
             for pfn, o in got:
-                self._pool(pfn, o)
+                if self.limit:
+                    self._pool(pfn, o)
+                else:
+                    self._free(pfn, o)
             self._trim()
             raise
         self.blocks.setdefault(obj_id, []).extend(got)
@@ -129,8 +160,13 @@ class TtmPool:
     def give_back(self, obj_id: int) -> I64:
         """The object is being destroyed: its intact blocks go to the pool (the frames are no
         longer the object's); returns the frames that were pooled. A block the object no longer
-        holds whole (a page moved or was truncated) is left to the caller to free page by page.
+        holds whole (a page moved or was truncated) is left to the caller to free page by page,
+        and so is every block when nothing is pooled (``limit`` 0: ``ttm_pool_select_type()``
+        found no pool for the pages, ``ttm_pool_free_page()`` frees them to the buddy).
         """
+        if not self.limit:
+            self.blocks.pop(obj_id, None)
+            return np.empty(0, dtype=np.int64)
         p = self.mm.pool
         pooled: list[I64] = []
         for pfn, order in self.blocks.pop(obj_id, []):
@@ -181,12 +217,15 @@ class TtmPool:
                 self.mm.nr_kernel_pages -= n
                 self.stats.shrunk_pages += n
                 self.mm.vmstat.inc("ttm_shrink_pages", n)
-                p = self.mm.pool
-                p.owner[pfn : pfn + n] = -1
-                self.mm.buddy.free_block(pfn, order)
-                self.mm.vmstat.inc("pgfree", n)
+                self._free(pfn, order)
                 return n
         return 0
+
+    def _free(self, pfn: int, order: int) -> None:
+        """ttm_pool_free_page(): the block goes back to the buddy allocator."""
+        self.mm.pool.owner[pfn : pfn + (1 << order)] = -1
+        self.mm.buddy.free_block(pfn, order)
+        self.mm.vmstat.inc("pgfree", 1 << order)
 
     def pooled(self) -> list[tuple[int, int]]:
         """Every pooled block as (pfn, order) (check())."""

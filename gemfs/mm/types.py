@@ -99,6 +99,13 @@ class Design(enum.StrEnum):
         return self in (Design.LONGTERM_PIN, Design.CONFINE)
 
     @property
+    def knob(self) -> str | None:
+        """The design's own knob (``[design]`` key; the mount option with ``-`` for ``_``), if
+        it has one: longterm-pin's movablecore, confine's confine_granule (gemfs.mm.region),
+        pinned-ttm's ttm_pool (gemfs.mm.ttm). A mount refuses another design's knob."""
+        return _KNOB.get(self)
+
+    @property
     def gem_migratetype(self) -> MigrateType:
         """The GEM pages' migrate type: i915 RECLAIMABLE (also under illuminator,
         defrag-mode and confine, which change compaction or the allocator only), drm_gem_shmem
@@ -116,6 +123,12 @@ _GEM_MIGRATETYPE = {
     Design.ILLUMINATOR: MigrateType.RECLAIMABLE,
     Design.DEFRAG_MODE: MigrateType.RECLAIMABLE,
     Design.CONFINE: MigrateType.RECLAIMABLE,
+}
+
+_KNOB = {
+    Design.LONGTERM_PIN: "movablecore",
+    Design.CONFINE: "confine_granule",
+    Design.PINNED_TTM: "ttm_pool",
 }
 
 
