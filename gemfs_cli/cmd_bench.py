@@ -86,14 +86,20 @@ def bench_mm_cmd(size: str, big: str, probes: int, desktop: tuple[int, ...]) -> 
 @click.option("--pool", default="512MiB", show_default=True, help="gemfs pool size.")
 @click.option("--rounds", default=3, show_default=True, help="Runs per figure (median).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def bench_io_cmd(size: str, pool: str, rounds: int, as_json: bool) -> None:
+@click.option(
+    "--floor",
+    is_flag=True,
+    help="Also read with O_DIRECT from the barest pyfuse3 server (one memfd-backed file), "
+    "interleaved: the ceiling of gemfs's FUSE binding on this machine.",
+)
+def bench_io_cmd(size: str, pool: str, rounds: int, as_json: bool, floor: bool) -> None:
     """Sequential 1 MiB and random 4 KiB file I/O on gemfs against a kernel tmpfs.
 
-    Example: gemfs bench io --size 256MiB --pool 512MiB --rounds 5"""
+    Example: gemfs bench io --size 256MiB --pool 512MiB --rounds 5 --floor"""
     from tools.bench_io import BenchError, bench_io, format_table
 
     try:
-        result = bench_io(size=size, pool=pool, rounds=rounds)
+        result = bench_io(size=size, pool=pool, rounds=rounds, floor=floor)
     except BenchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(result.to_json() if as_json else format_table(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -59,3 +60,53 @@ def test_bench_io_on_a_pool_too_small_is_one_line() -> None:
     )
     assert r.exit_code == 1
     assert r.output.strip() == "Error: seq write on gemfs: No space left on device"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bench io mounts a tmpfs: needs root")
+def test_bench_io_floor_reads_the_bare_pyfuse3_server_in_the_same_run() -> None:
+    """--floor: O_DIRECT reads from tools/pyfuse3_floor.py's file, interleaved with gemfs and
+    tmpfs; its figure is printed against the same tmpfs median, with gemfs/floor."""
+    args = ["bench", "io", "--size", "8MiB", "--pool", "64MiB", "--rounds", "1", "--floor"]
+    r = CliRunner().invoke(main, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["floor_o_direct"] > 0
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("O_DIRECT bare pyfuse3"))
+    floor, tmpfs, ratio = (float(v.replace(",", "")) for v in line.split()[4:7])
+    assert ratio == pytest.approx(floor / tmpfs, abs=0.006)
+    assert "gemfs/floor" in line
+
+
+def test_the_floor_server_serves_its_pattern(tmp_path: Path) -> None:
+    """The floor's file holds byte i = i % 251, read back with O_DIRECT across requests."""
+    import mmap
+    import subprocess
+    import sys
+    import time
+
+    from tools.pyfuse3_floor import pattern
+
+    size = 3 << 20
+    mp = tmp_path / "floor"
+    mp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "tools.pyfuse3_floor", str(mp), str(size)])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mp):
+            assert proc.poll() is None, "the floor server exited before mounting"
+            assert time.monotonic() < deadline, "the floor server did not mount in 30 s"
+            time.sleep(0.05)
+        buf = mmap.mmap(-1, 1 << 20)
+        fd = os.open(mp / "data", os.O_RDONLY | os.O_DIRECT)
+        got = b""
+        while n := os.readv(fd, [buf]):
+            got += buf[:n]
+        os.close(fd)
+        assert got == pattern(size)
+        assert pattern(300)[250:253] == bytes([250, 0, 1])
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    assert not os.path.ismount(mp)

@@ -11,15 +11,17 @@ small-write figure is dbench's kind of load (mixed writes of 1 B to 64 KiB into 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from gemfs.mm.types import format_size, parse_size
@@ -58,6 +60,17 @@ class IoResult:
     rounds: int
     figures: list[Figure] = field(default_factory=list)
     slowest_write_ms: dict[str, float] = field(default_factory=dict)  # per file system
+    # --floor: O_DIRECT MB/s of the barest pyfuse3 server (tools/pyfuse3_floor.py), measured
+    # interleaved with the other two
+    floor_direct: float | None = None
+
+    @property
+    def floor_figure(self) -> Figure | None:
+        """The floor's O_DIRECT figure against the same tmpfs median."""
+        if self.floor_direct is None:
+            return None
+        direct = next(f for f in self.figures if f.name == "seq read O_DIRECT")
+        return Figure("O_DIRECT bare pyfuse3", "MB/s", self.floor_direct, direct.tmpfs)
 
     def to_json(self) -> str:
         figs = [{**asdict(f), "ratio": round(f.ratio, 3), "met": f.met} for f in self.figures]
@@ -68,6 +81,7 @@ class IoResult:
                 "rounds": self.rounds,
                 "figures": figs,
                 "slowest_write_ms": self.slowest_write_ms,
+                **({"floor_o_direct": self.floor_direct} if self.floor_direct else {}),
             }
         )
 
@@ -84,6 +98,13 @@ def format_table(r: IoResult) -> str:
         lines.append(
             f"{f.name + ' (' + f.unit + ')':<28}{f.gemfs:>12,.0f}{f.tmpfs:>12,.0f}"
             f"{f.ratio:>13.2f}  {target}"
+        )
+    floor = r.floor_figure
+    if floor is not None:
+        direct = next(f for f in r.figures if f.name == "seq read O_DIRECT")
+        lines.append(
+            f"{floor.name + ' (' + floor.unit + ')':<28}{floor.gemfs:>12,.0f}{floor.tmpfs:>12,.0f}"
+            f"{floor.ratio:>13.2f}  gemfs/floor {direct.gemfs / floor.gemfs:.2f}"
         )
     if r.slowest_write_ms:
         g, t = r.slowest_write_ms.get("gemfs", 0.0), r.slowest_write_ms.get("tmpfs", 0.0)
@@ -212,7 +233,9 @@ def bench_io(
     *,
     rand_ops: int = 20000,
     cold_rand_ops: int = 4000,
+    floor: bool = False,
 ) -> IoResult:
+    """``floor``: also O_DIRECT reads from the barest pyfuse3 server, the binding's ceiling."""
     if os.geteuid() != 0:
         raise BenchError("gemfs bench io needs root (it mounts a tmpfs to compare with)")
     try:
@@ -238,7 +261,9 @@ def bench_io(
                 except MountError as e:
                     raise BenchError(f"cannot mount gemfs: {e}") from None
             try:
-                _measure(result, {"gemfs": gem_mp, "tmpfs": tmp_mp}, rand_ops, cold_rand_ops)
+                with _floor_server(tmp, nbytes) if floor else contextlib.nullcontext() as fl:
+                    mounts = {"gemfs": gem_mp, "tmpfs": tmp_mp}
+                    _measure(result, mounts, rand_ops, cold_rand_ops, fl)
             finally:
                 rc = _unmount_and_wait(gem_mp, server)
                 if rc != 0:
@@ -249,7 +274,46 @@ def bench_io(
     return result
 
 
-def _measure(result: IoResult, mounts: dict[str, str], rand_ops: int, cold_ops: int) -> None:
+@contextlib.contextmanager
+def _floor_server(tmp: str, size: int) -> Iterator[str]:
+    """Mount tools/pyfuse3_floor.py's file system; yields its file's path."""
+    mp = os.path.join(tmp, "floor")
+    os.mkdir(mp)
+    log = open(os.path.join(tmp, "floor.log"), "wb")  # closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.pyfuse3_floor", mp, str(size)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mp):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(os.path.join(tmp, "floor.log"), errors="replace") as f:
+                    raise BenchError(f"the pyfuse3 floor server did not mount: {f.read()[-500:]}")
+            time.sleep(0.05)
+        yield os.path.join(mp, "data")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-uz", mp], check=False)
+        log.close()
+
+
+def _measure(
+    result: IoResult,
+    mounts: dict[str, str],
+    rand_ops: int,
+    cold_ops: int,
+    floor: str | None = None,
+) -> None:
     size, rounds = result.size, result.rounds
     data = os.urandom(CHUNK)
     rng = random.Random(3)
@@ -277,7 +341,12 @@ def _measure(result: IoResult, mounts: dict[str, str], rand_ops: int, cold_ops: 
         each(order, "seq write", lambda fs: seq_write(paths[fs], size, data))
         each(order, "seq read cold", cold_read)
         each(order, "seq read warm", lambda fs: seq_read(paths[fs], size))
+        if floor is not None:  # the floor in the same alternation, right after the other two
+            paths["floor"] = floor
+            samples.setdefault("floor", {})
+            order = [*order, "floor"] if r % 2 == 0 else ["floor", *order]
         each(order, "seq read O_DIRECT", lambda fs: seq_read_direct(paths[fs], size), DIRECT_PAIRS)
+        order = [fs for fs in order if fs != "floor"]
         each(order, "rand read 4K warm", lambda fs: rand_read(paths[fs], offsets, cold=False))
         each(order, "rand read 4K cold", lambda fs: rand_read(paths[fs], cold_offsets, cold=True))
         each(order, "small writes", lambda fs: small_writes(mounts[fs], slowest=slowest[fs]))
@@ -288,6 +357,8 @@ def _measure(result: IoResult, mounts: dict[str, str], rand_ops: int, cold_ops: 
         "seq read warm": 0.6,
         "seq read O_DIRECT": 0.6,
     }
+    if floor is not None:
+        result.floor_direct = statistics.median(samples["floor"]["seq read O_DIRECT"])
     for name in samples["gemfs"]:
         unit = "IOPS" if name.startswith("rand") else "MB/s"
         g = statistics.median(samples["gemfs"][name])
