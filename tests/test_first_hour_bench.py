@@ -80,33 +80,21 @@ def test_bench_io_floor_reads_the_bare_pyfuse3_server_in_the_same_run() -> None:
 
 
 def test_the_floor_server_serves_its_pattern(tmp_path: Path) -> None:
-    """The floor's file holds byte i = i % 251, read back with O_DIRECT across requests."""
+    """The floor's file holds byte i = i % 251, read back with O_DIRECT across requests; the
+    server unmounts when bench io is done with it."""
     import mmap
-    import subprocess
-    import sys
-    import time
 
+    from tools.bench_io import _floor_server
     from tools.pyfuse3_floor import pattern
 
     size = 3 << 20
-    mp = tmp_path / "floor"
-    mp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "tools.pyfuse3_floor", str(mp), str(size)])
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mp):
-            assert proc.poll() is None, "the floor server exited before mounting"
-            assert time.monotonic() < deadline, "the floor server did not mount in 30 s"
-            time.sleep(0.05)
+    with _floor_server(str(tmp_path), size) as path:
         buf = mmap.mmap(-1, 1 << 20)
-        fd = os.open(mp / "data", os.O_RDONLY | os.O_DIRECT)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         got = b""
         while n := os.readv(fd, [buf]):
             got += buf[:n]
         os.close(fd)
-        assert got == pattern(size)
-        assert pattern(300)[250:253] == bytes([250, 0, 1])
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0
-    assert not os.path.ismount(mp)
+    assert got == pattern(size)
+    assert pattern(300)[250:253] == bytes([250, 0, 1])
+    assert not os.path.ismount(tmp_path / "floor")
