@@ -377,6 +377,7 @@ def stress_cmd(minutes: float, design: str, workers: int, seed: int) -> None:
         ("ENOSPC answers", rep.enospc),
         ("bytes checked", rep.bytes_checked),
         ("objects checked / bad", f"{rep.objects_checked} / {rep.objects_bad}"),
+        ("objects torn by a killed batch", rep.torn_objects),
         ("GPU data errors", rep.data_errors),
         ("bytes lost", rep.bytes_lost),
     ]

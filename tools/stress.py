@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from driver.gem import gpu_pattern
 from gemfs.control.peer import CallError
 from gemfs.mm.types import PAGE_SIZE, Design
@@ -44,9 +46,49 @@ class WorkerReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _pattern_crc(obj_id: int, generation: int, size: int) -> int:
+# What a GPU object holds, as the GPU thread knows it: zeros (never written), the pattern of
+# the batch that wrote it last (object id at the time, generation), or the exact bytes found
+# after a kill tore a batch.
+Content = None | tuple[int, int] | bytes
+
+
+def _render(content: Content, size: int) -> bytes:
+    if content is None:
+        return bytes(size)
+    if isinstance(content, bytes):
+        return content
     pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
-    return zlib.crc32(gpu_pattern(obj_id, generation, pages).data)
+    return gpu_pattern(content[0], content[1], pages).tobytes()[:size]
+
+
+def torn_batch(data: bytes, old: bytes, new: bytes) -> str | None:
+    """What a batch in flight when its driver was killed left in one object: "old" (it had not
+    written this object), "new" (it had), "torn" (the kill landed inside the object's copy), or
+    None: content no killed batch can leave.
+
+    The GPU's write goes through the GTT in page order, so a torn object is the new content on
+    pages [0, k), the old on pages (k, n), and page k a word-by-word mix of the two (a copy
+    interrupted inside a page). Anything else (a page from elsewhere, an old page before a new
+    one, a word of neither) is corruption."""
+    if data == old:
+        return "old"
+    if data == new:
+        return "new"
+    if not (len(data) == len(old) == len(new)) or len(data) % PAGE_SIZE:
+        return None
+    d, o, n = (np.frombuffer(b, np.uint64).reshape(-1, PAGE_SIZE // 8) for b in (data, old, new))
+    is_new = (d == n).all(axis=1)
+    k = int(np.argmin(is_new))  # the first page that is not the new content
+    if not ((d[k + 1 :] == o[k + 1 :]).all() and ((d[k] == n[k]) | (d[k] == o[k])).all()):
+        return None
+    return "torn"
+
+
+def _pages_neither(data: bytes, old: bytes, new: bytes) -> int:
+    if not (len(data) == len(old) == len(new)) or len(data) % PAGE_SIZE:
+        return max(len(data), len(old)) // PAGE_SIZE
+    d, o, n = (np.frombuffer(b, np.uint8).reshape(-1, PAGE_SIZE) for b in (data, old, new))
+    return int((~((d == o).all(axis=1) | (d == n).all(axis=1))).sum())
 
 
 def _diff(a: bytes, b: bytes) -> int:
@@ -198,6 +240,7 @@ class StressReport:
     aborted: int = 0
     compactions: int = 0
     driver_kills: int = 0
+    torn_objects: int = 0  # objects a killed batch left half-written (allowed, counted)
     compactor_kills: int = 0
     bytes_checked: int = 0
     bytes_lost: int = 0
@@ -223,7 +266,8 @@ class Stress:
         self.lock = threading.Lock()  # guards the driver client and the objects table
         self.objects: dict[str, tuple[int, int]] = {}  # path -> (obj id, expected crc)
         self.sizes: dict[str, int] = {}
-        self.maybe: dict[str, set[int]] = {}  # batches in flight when the driver died
+        self.content: dict[str, Content] = {}  # path -> what the GPU thread last wrote
+        self.maybe: dict[str, tuple[int, int]] = {}  # path -> the write in flight (id, gen)
         self.stop = threading.Event()
 
     def _drv_call(self, stack: Stack, op: str, args: dict[str, Any]) -> Any:
@@ -243,12 +287,15 @@ class Stress:
                     with self.lock:
                         self.objects[r["path"]] = (r["obj"], zlib.crc32(bytes(size)))
                         self.sizes[r["path"]] = size
+                        self.content[r["path"]] = None
                     self.report.gpu_objects += 1
                     paths.append(r["path"])
                 if rng.random() < 0.25 and len(paths) > 8:
                     p = rng.choice(paths)
                     with self.lock:
                         oid, _ = self.objects.pop(p)
+                        self.content.pop(p, None)
+                        self.maybe.pop(p, None)
                         stack.drv.call("close", {"obj": oid})
                     continue
                 batch = rng.sample(paths, min(len(paths), rng.randrange(1, 4)))
@@ -257,11 +304,10 @@ class Stress:
                 gen = rng.randrange(1, 1 << 30)
                 with self.lock:
                     batch = [p for p in batch if p in self.objects]
-                    # If the driver dies mid-call the batch may or may not have run: both the
-                    # old and the new content are then acceptable, nothing else is.
+                    # If the driver dies mid-call the batch may or may not have run, or may
+                    # have been cut inside an object: see torn_batch.
                     for p in batch:
-                        oid, crc = self.objects[p]
-                        self.maybe[p] = {crc, _pattern_crc(oid, gen, self.sizes[p])}
+                        self.maybe[p] = (self.objects[p][0], gen)
                     ids = [self.objects[p][0] for p in batch]
                     args = {"objs": ids, "duration_ms": ms, "write": True, "generation": gen}
                     r = stack.drv.call("exec", args)
@@ -272,7 +318,7 @@ class Stress:
                     for p in batch:
                         oid, _ = self.objects[p]
                         self.objects[p] = (oid, r["checksums"][str(oid)])
-                        self.maybe.pop(p, None)
+                        self.content[p] = self.maybe.pop(p)
                 self.report.gpu_batches += 1
             except (CallError, OSError, KeyError) as e:
                 if self.stop.is_set():
@@ -300,13 +346,24 @@ class Stress:
                 except StackError:
                     if attempt == 4:
                         raise
-            for p, (_oid, crc) in list(self.objects.items()):
+            for p in list(self.objects):
                 r = stack.drv.call("open", {"path": p})
                 data = (stack.mountpoint / p.lstrip("/")).read_bytes()
                 self.report.objects_checked += 1
-                if zlib.crc32(data) not in self.maybe.pop(p, {crc}):
+                old = _render(self.content[p], self.sizes[p])
+                flight = self.maybe.pop(p, None)
+                new = old if flight is None else _render(flight, self.sizes[p])
+                verdict = torn_batch(data, old, new)
+                if verdict is None:
                     self.report.objects_bad += 1
-                    self.report.errors.append(f"{p}: content changed across a driver kill")
+                    bad = _pages_neither(data, old, new)
+                    self.report.errors.append(
+                        f"{p}: content changed across a driver kill ({bad} pages hold"
+                        " neither the old content nor that of the batch in flight)"
+                    )
+                elif verdict == "torn":
+                    self.report.torn_objects += 1
+                self.content[p] = {"old": self.content[p], "new": flight}.get(verdict or "", data)
                 self.objects[p] = (r["obj"], zlib.crc32(data))
 
     def faults(self, stack: Stack) -> None:
