@@ -171,18 +171,22 @@ class DriverDaemon:
             frames = np.frombuffer(r["frames"], dtype="<i8").astype(np.int64)
             self.gem.bind(o, frames)
 
-    async def _ready(self, objs: list[DriverObject]) -> None:
-        """Bind every object and return only when none is mid-migration.
+    async def _ready(self, objs: list[DriverObject], *, clock: bool = False) -> float:
+        """Bind every object and return only when none is mid-migration; with ``clock``, the
+        modelled time once they are bound (a batch is submitted after its objects are bound,
+        which may have cost time: re-faults), else 0.
 
         The caller must touch the GTT with no await in between: a migrate callback that starts
         later finds the batch already submitted (busy) and waits for it.
         """
         assert self.gem is not None
+        assert self.core is not None
         while True:
             for o in objs:
                 await self._bind(o)
+            now = float((await self.core.call("clock", {}))["now"]) if clock else 0.0
             if all(o.id not in self.migrating and not self.gem.needs_bind(o) for o in objs):
-                return
+                return now
 
     async def _changed(self, o: DriverObject) -> None:
         """The GPU wrote the object: the core drops the file's page cache for it."""
@@ -242,8 +246,7 @@ class DriverDaemon:
                     raise _err(errno.EINVAL, "keep_ms and interval_ms must be >= 0")
                 if (keep > 0) != (every > 0):
                     raise _err(errno.EINVAL, "a frame loop needs keep_ms and interval_ms > 0")
-                now = float((await core.call("clock", {}))["now"])  # the modelled clock
-                await self._ready(objs)
+                now = await self._ready(objs, clock=True)  # the modelled clock, once bound
                 gem.execute(  # no await since _ready
                     objs, now, ms / 1000, write, gen, keep=keep / 1000, interval=every / 1000
                 )

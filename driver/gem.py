@@ -32,9 +32,20 @@ EBUSY = errno.EBUSY
 # SYNC_LIGHT may wait for the GPU this long before giving up with -EAGAIN.
 SYNC_LIGHT_WAIT_S = 0.010
 # The 2016 patch's i915_gem_shrinker_migratepage() took struct_mutex through
-# i915_gem_shrinker_lock_uninterruptible(dev_priv, &unlock, 10): mutex_trylock in a loop for
-# up to 10 ms, then -EBUSY.
+# i915_gem_shrinker_lock_uninterruptible(dev_priv, &slu, 10). In the kernel the patch was
+# posted against (4.6/4.7) that is a pure trylock loop: mutex_trylock, and on failure
+# schedule_timeout_killable(1) (one jiffy) and again, msecs_to_jiffies(10) + 1 times, then
+# -EBUSY. At HZ=250 (Debian's x86 kernels) a jiffy is 4 ms: tries at 0, 4, 8 and 12 ms, and
+# -EBUSY after 16 ms.
+JIFFY_S = 0.004
 I915_TRYLOCK_S = 0.010
+I915_TRYLOCK_TRIES = math.ceil(I915_TRYLOCK_S / JIFFY_S - 1e-9) + 1
+# Who holds struct_mutex: the model counts execbuffer's critical section (reserving and binding
+# the batch's objects, relocations, emitting the request) at each submission, explicit or a
+# frame loop's. Estimate 0.3 ms for a desktop frame's few objects; the lock is free between
+# submissions, whatever the GPU is still running (the lock guards the driver's state, not the
+# engines).
+I915_SUBMIT_LOCK_S = 0.0003
 # A Mali GPU's cache maintenance for one migrated page: an L2 clean + invalidate of the page's
 # range issued through the MMU's address-space command register (AS_COMMAND FLUSH_MEM) and
 # waited for by polling AS_STATUS (panfrost_mmu.c mmu_hw_do_operation; kbase
@@ -110,12 +121,17 @@ class FrameLoop:
     duration: float
     until: float
 
+    def last_submission(self, t: float) -> float | None:
+        """The last submission at or before ``t`` (None: none yet)."""
+        if t < self.start:
+            return None
+        k = math.floor((min(t, self.until) - self.start) / self.interval + 1e-9)
+        return self.start + k * self.interval
+
     def busy_until(self, t: float) -> float:
         """When the last submission at or before ``t`` completes (0: none yet)."""
-        if t < self.start:
-            return 0.0
-        k = math.floor((min(t, self.until) - self.start) / self.interval + 1e-9)
-        return self.start + k * self.interval + self.duration
+        s = self.last_submission(t)
+        return 0.0 if s is None else s + self.duration
 
 
 @dataclass
@@ -163,6 +179,7 @@ class GemDriver:
     next_stamp: int = 1
     policy: DriverPolicy = DriverPolicy.WAIT_IDLE
     busy_until: float = 0.0  # the device: when its last batch completes
+    last_submit: float = -math.inf  # when the last explicit batch was submitted
     loop: FrameLoop | None = None  # the frame loop running in the background, if any
     loop_ids: set[int] = field(default_factory=set)  # its objects still bound and mapped
 
@@ -262,6 +279,7 @@ class GemDriver:
                 self.stats.pages_written += o.nr_pages
             o.busy_until = max(o.busy_until, now + duration)
         self.busy_until = max(self.busy_until, now + duration)
+        self.last_submit = max(self.last_submit, now)
         if keep > 0:
             self.loop = FrameLoop(now, interval, duration, now + keep)
             self.loop_ids = {o.id for o in objs}
@@ -274,22 +292,25 @@ class GemDriver:
             b = max(b, self.loop.busy_until(t))
         return b
 
-    def device_busy_until(self, t: float) -> float:
-        b = self.busy_until
+    def struct_mutex_free(self, t: float) -> bool:
+        """Is struct_mutex free at ``t``? It is held for I915_SUBMIT_LOCK_S from each
+        submission: the last explicit batch's and the frame loop's."""
+        subs = [self.last_submit]
         if self.loop is not None and self.loop_ids:
-            b = max(b, self.loop.busy_until(t))
-        return b
+            s = self.loop.last_submission(t)
+            if s is not None:
+                subs.append(s)
+        return not any(s <= t < s + I915_SUBMIT_LOCK_S for s in subs)
 
-    def device_idle_at(self, now: float, horizon: float) -> float:
-        """The first time from ``now`` the device has no work in flight (a frame loop's next
-        submission may come before the current one completes); past ``now + horizon`` the
-        search stops and returns where it got."""
+    def i915_trylock(self, now: float) -> tuple[bool, float]:
+        """i915_gem_shrinker_lock_uninterruptible(..., 10) from ``now``: (got it, time spent).
+        A try; on failure a jiffy's sleep and another, I915_TRYLOCK_TRIES times in all."""
         t = now
-        while (b := self.device_busy_until(t)) > t:
-            t = b
-            if t - now > horizon:
-                break
-        return t
+        for _ in range(I915_TRYLOCK_TRIES):
+            if self.struct_mutex_free(t):
+                return True, t - now
+            t += JIFFY_S
+        return False, t - now
 
     def write_object(self, o: DriverObject, offset: int, data: bytes) -> None:
         """A CPU write through the GTT (pwrite ioctl); the object must be bound."""
@@ -334,26 +355,21 @@ class GemDriver:
         """The migrate callback's decision for ``n`` pages of object ``o`` (counted in stats).
 
         wait-idle and per-page-flush: wait for the GPU as the mode allows (:meth:`migrate_wait`),
-        else -EAGAIN. i915-2016 (the posted patch): take struct_mutex (a trylock loop of up to
-        10 ms, -EBUSY when it fails; the lock is taken to be held while the device has work in
-        flight), then -EBUSY if the object is active on the GPU (no wait, whatever the mode),
-        else unbind it and drop its whole backing store (the GTT here; its pins, through the
-        answer, in the core) so the pages may move. The object's next use re-faults every
-        page."""
+        else -EAGAIN. i915-2016 (the posted patch): take struct_mutex (:meth:`i915_trylock`:
+        tries a jiffy apart for ~10 ms, -EBUSY when they all fail; the lock is held during
+        submissions), then -EBUSY if the object is active on the GPU (no wait, whatever the
+        mode), else unbind it and drop its whole backing store (the GTT here; its pins,
+        through the answer, in the core) so the pages may move. The object's next use
+        re-faults every page. An object whose backing store is not held (dropped and not
+        used since) holds no reference on its pages: they migrate at once, no lock taken."""
         st = self.stats
         st.migrate_calls += 1
         st.migrate_pages += n
         if self.policy is DriverPolicy.I915_2016:
-            # struct_mutex is taken to be contended while the device has work in flight (the
-            # model does not track its holders): the trylock loop spins until the device idles,
-            # and gives up with -EBUSY when that takes more than its 10 ms. Under a frame loop
-            # whose batches overlap the device never idles.
-            idle = self.device_idle_at(now, I915_TRYLOCK_S)
-            lock = min(idle - now, I915_TRYLOCK_S)
-            if idle - now > I915_TRYLOCK_S:
-                st.migrate_ebusy += n
-                return MigrateDecision(-EBUSY, lock_s=lock)
-            if self.object_busy_until(o, now + lock) > now + lock:  # (idle by now, as above)
+            if not o.bound:  # no backing store held (dropped before): page_count(page) <= 2,
+                return MigrateDecision(0)  # so the patch goes straight to migrate_page()
+            got, lock = self.i915_trylock(now)
+            if not got or self.object_busy_until(o, now + lock) > now + lock:
                 st.migrate_ebusy += n
                 return MigrateDecision(-EBUSY, lock_s=lock)
             self.unbind(o)

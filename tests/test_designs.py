@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from driver.gem import MALI_FLUSH_PAGE_US, DriverPolicy, MigrateDecision
+from driver.gem import (
+    I915_SUBMIT_LOCK_S,
+    I915_TRYLOCK_TRIES,
+    JIFFY_S,
+    MALI_FLUSH_PAGE_US,
+    DriverPolicy,
+    MigrateDecision,
+)
 from gemfs.mm import MemoryManager
 from gemfs.mm.pool import PG_ALLOC, PG_MT_MASK, PG_MT_SHIFT
 from gemfs.mm.ttm import ttm_pool_pages
@@ -541,18 +548,16 @@ def test_workload_driver_policy_key_and_its_costs() -> None:
 
 @pytest.mark.parametrize("design", [Design.SHMEM_HOOK, Design.GEMFS])
 def test_i915_2016_drops_whole_objects_and_refaults_them(design: Design) -> None:
-    """The posted 2016 callback never waits for the GPU: -EBUSY when struct_mutex stays
-    contended for its 10 ms (taken to be held while the device has work in flight) or the
-    object is active; otherwise it unbinds the object and drops its whole backing store, so
-    every page of it is re-faulted on its next use. Against wait-idle on the same workload
-    under GPU load: no -EAGAIN answers but -EBUSY ones, objects dropped, thousands of pages
-    re-faulted where wait-idle re-faults none, and tens of ms spent in the trylock loop.
+    """The posted 2016 callback never waits for the GPU: -EBUSY when the object is active
+    (or struct_mutex stays taken through its ~10 ms of tries); otherwise it unbinds the object
+    and drops its whole backing store, so every page of it is re-faulted on its next use.
+    Against wait-idle on the same workload under GPU load: no -EAGAIN answers but -EBUSY ones,
+    objects dropped, hundreds of pages re-faulted where wait-idle re-faults none.
 
     Here the load comes in bursts (three batches, then the huge-page faults with the GPU left
-    to drain): the trylock often outlasts the last batch, and an object dropped while the
-    device is idle is unpinned as a whole, so compaction may move every page of it. That drain
-    is not smaller than wait-idle's; under a steady frame loop it is
-    (test_i915_2016_recovers_less_than_wait_idle_under_a_steady_frame_loop)."""
+    to drain): an object dropped while idle is unpinned as a whole, so compaction may move
+    every page of it, and the drain is not smaller than wait-idle's; under a steady frame loop
+    it is (test_i915_2016_recovers_less_than_wait_idle_under_a_steady_frame_loop)."""
     w = _under_gpu_load()
     wait = play(design, w).record
     old = play(design, w.with_driver_policy(DriverPolicy.I915_2016)).record
@@ -562,9 +567,8 @@ def test_i915_2016_drops_whole_objects_and_refaults_them(design: Design) -> None
     assert wait.vmstat["gem_migrate_callback_ebusy"] == 0
     assert c["refusals"] == 0  # the 2016 callback never answers -EAGAIN ...
     assert v["gem_migrate_callback_ebusy"] > 0  # ... but -EBUSY
-    assert v["gem_objects_dropped"] > 50
-    assert c["refaulted_pages"] > 1000  # whole objects come back page by page
-    assert v["gem_callback_lock_us"] > 10_000  # > 10 ms of trylock in all
+    assert v["gem_objects_dropped"] > 10
+    assert c["refaulted_pages"] > 500  # whole objects come back page by page
     assert "gem_objects_dropped" not in wait.vmstat
     assert old.drain["blocks"] >= wait.drain["blocks"]  # bursts: see the docstring
     assert (old.provenance["driver_policy"], wait.provenance["driver_policy"]) == (
@@ -593,11 +597,12 @@ def _under_a_frame_loop() -> Workload:
 
 @pytest.mark.parametrize("design", [Design.SHMEM_HOOK, Design.GEMFS])
 def test_i915_2016_recovers_less_than_wait_idle_under_a_steady_frame_loop(design: Design) -> None:
-    """While a frame loop keeps the device busy (batches of 40 ms every 16.7 ms overlap, so it
-    never idles), the 2016 callback's trylock never gets struct_mutex: every call spins its
-    10 ms and answers -EBUSY, so a full compaction moves no GEM page and recovers (almost)
-    nothing. wait-idle's callback waits, in MIGRATE_SYNC, for each busy object's current
-    batch and moves its pages: it recovers the blocks, and the GPU pays in stall time."""
+    """While a frame loop keeps its objects busy (batches of 40 ms every 16.7 ms overlap, so
+    they are never idle), the 2016 callback gets struct_mutex (held only while a submission is
+    made) but answers -EBUSY for every page of an active object, whatever the mode; it drops
+    the idle objects whole, and their next use re-faults them. A full compaction recovers about
+    half what wait-idle's callback does: that one waits, in MIGRATE_SYNC, for each busy
+    object's current batch and moves its pages, and the GPU pays in stall time."""
     w = _under_a_frame_loop()
     wait = play(design, w).record
     old = play(design, w.with_driver_policy(DriverPolicy.I915_2016)).record
@@ -605,20 +610,25 @@ def test_i915_2016_recovers_less_than_wait_idle_under_a_steady_frame_loop(design
         p: r.order9_after - r.order9_before for p, r in (("wait-idle", wait), ("i915-2016", old))
     }
     assert gained["wait-idle"] >= 15
-    assert gained["i915-2016"] <= 2
-    assert old.drain["blocks"] < wait.drain["blocks"] / 2
+    assert 3 <= gained["i915-2016"] <= 0.6 * gained["wait-idle"]
+    assert old.drain["blocks"] <= 0.6 * wait.drain["blocks"]
     v = old.vmstat
-    assert v["gem_migrate_callback_ebusy"] > 1000
-    # every call during the loop spins its whole 10 ms (the lock is never free)
-    assert v["gem_callback_lock_us"] >= 0.9 * 10_000 * v["gem_migrate_callbacks"]
+    assert v["gem_migrate_callback_ebusy"] > 500  # the loop's objects' pages
+    assert wait.vmstat["gem_migrate_callback_ebusy"] == 0
+    # the idle objects were dropped whole and re-faulted on their next batch
+    assert old.costs["refaulted_pages"] > 500
+    assert wait.costs["refaulted_pages"] == 0
+    # the lock is free between submissions: far less than a jiffy per callback on average
+    assert 0 < v["gem_callback_lock_us"] < 0.25 * JIFFY_S * 1e6 * v["gem_migrate_callbacks"]
     assert wait.costs["gpu_stall_ms"] > 10 * max(old.costs["gpu_stall_ms"], 1.0)
     assert old.data_errors == wait.data_errors == 0
 
 
-def test_frame_loop_keeps_objects_and_device_busy() -> None:
+def test_frame_loop_keeps_objects_busy_and_takes_struct_mutex() -> None:
     """The loop's arithmetic: after the last explicit batch at t0, submissions every interval
-    until t0 + keep; an object's current batch ends at its last submission + duration; an
-    object that leaves the loop (unbound, or its GTT invalidated) is idle when its own batch is."""
+    until t0 + keep; an object's current batch ends at its last submission + duration. Each
+    submission holds i915's struct_mutex briefly; the 2016 trylock sleeps a jiffy when it finds
+    it held and gives up after its ~10 ms of tries."""
     from driver.gem import FrameLoop, GemDriver
 
     loop = FrameLoop(start=1.0, interval=0.0167, duration=0.040, until=2.0)
@@ -633,23 +643,43 @@ def test_frame_loop_keeps_objects_and_device_busy() -> None:
     g.execute([a], 1.0, 0.040, False, keep=1.0, interval=0.0167)
     assert g.object_busy_until(a, 1.5) > 1.5
     assert g.object_busy_until(b, 1.5) == 0.0
-    # overlapping batches: the device never idles while the loop runs
-    assert g.device_idle_at(1.5, 0.010) > 1.51
-    assert g.device_idle_at(1.99, 1.0) == pytest.approx(1.0 + 59 * 0.0167 + 0.040)
-    assert g.device_idle_at(2.1, 1.0) == 2.1
     # wait-idle: ASYNC -EAGAIN, SYNC waits for the current batch only (< 40 ms)
     assert g.migrate_decide(a, 2, MigrateMode.ASYNC, 1.5).rc == -errno.EAGAIN
     d = g.migrate_decide(a, 2, MigrateMode.SYNC, 1.5)
     assert d.rc == 0
     assert 0 < d.wait_s <= 0.040
     assert g.migrate_decide(b, 2, MigrateMode.ASYNC, 1.5) == MigrateDecision(0)
+    # i915-2016: struct_mutex is held only while a submission is made (0.3 ms each)
     g.policy = DriverPolicy.I915_2016
-    d = g.migrate_decide(b, 2, MigrateMode.SYNC, 1.5)  # b is idle, but the lock is not free
+    sub = 1.0 + 30 * 0.0167  # a loop submission
+    assert not g.struct_mutex_free(sub)
+    assert not g.struct_mutex_free(sub + 0.9 * I915_SUBMIT_LOCK_S)
+    assert g.struct_mutex_free(sub + 1.1 * I915_SUBMIT_LOCK_S)
+    assert g.struct_mutex_free(1.5)  # 15.7 ms after the last one
+    assert g.i915_trylock(1.5) == (True, 0.0)
+    got, spent = g.i915_trylock(sub)  # held: a jiffy's sleep, then free
+    assert got
+    assert spent == pytest.approx(JIFFY_S)
+    # the loop's object is active: -EBUSY whatever the mode; b is idle: dropped
+    d = g.migrate_decide(a, 2, MigrateMode.SYNC, 1.5)
+    assert (d.rc, d.drop, d.wait_s) == (-errno.EBUSY, False, 0.0)
+    d = g.migrate_decide(b, 2, MigrateMode.ASYNC, sub)
+    assert (d.rc, d.drop) == (0, True)
+    assert d.lock_s == pytest.approx(JIFFY_S)
+    assert not b.bound
+    assert g.stats.dropped_objects == 1
+    # dropped, not used since: its pages carry no driver reference and migrate at once
+    assert g.migrate_decide(b, 2, MigrateMode.SYNC, sub) == MigrateDecision(0)
+    assert g.stats.dropped_objects == 1
+    g.bind(b, np.array([2, 3]))  # its next use re-faults it
+    # submissions one jiffy apart keep the lock taken at every try: -EBUSY after ~16 ms
+    g.execute([a], 3.0, 0.001, False, keep=1.0, interval=JIFFY_S)
+    d = g.migrate_decide(b, 2, MigrateMode.SYNC, 3.0 + 10 * JIFFY_S)
     assert (d.rc, d.drop) == (-errno.EBUSY, False)
-    assert d.lock_s == pytest.approx(0.010)
-    g.unbind(a)  # a leaves the loop: the device idles when a's explicit batch did
-    assert g.device_idle_at(1.5, 0.010) == 1.5
-    assert g.migrate_decide(b, 2, MigrateMode.SYNC, 1.5).drop
+    assert d.lock_s == pytest.approx(I915_TRYLOCK_TRIES * JIFFY_S)
+    assert I915_TRYLOCK_TRIES * JIFFY_S == pytest.approx(0.016)
+    g.unbind(a)  # a leaves the loop: its submissions no longer take the lock
+    assert g.struct_mutex_free(3.0 + 10 * JIFFY_S)
     with pytest.raises(ValueError, match="frame loop needs"):
         g.execute([b], 2.0, 0.01, False, keep=1.0)  # a loop needs its interval
 
@@ -696,7 +726,7 @@ def test_driver_policy_same_record_in_process_and_on_the_stack(
     if policy is DriverPolicy.I915_2016 and not loop:
         assert a.vmstat["gem_objects_dropped"] > 0
         assert a.costs["refaulted_pages"] > 0
-    if loop:  # the loop's busy objects (and device) show in the decisions: without it, i915
-        # -EBUSY 121 pages and wait-idle -EAGAIN 12 asks on this workload
+    if loop:  # the loop's busy objects show in the decisions: without it, i915 -EBUSY 689
+        # pages (with it 1,547) and wait-idle -EAGAIN 12 asks (with it 469) on this workload
         refused = a.vmstat.get("gem_migrate_callback_ebusy", 0) + a.costs["refusals"]
         assert refused > (1000 if policy is DriverPolicy.I915_2016 else 400)

@@ -124,11 +124,11 @@ async def compact_remote(
         snap.flags[batch.dst[moved]] = PG_ALLOC | PG_OBJECT
         policy.batch_done(batch, res)
         if np.any(res == -errno.EBUSY):
-            # Our view went stale (the pool changed under us): look again, keep the scanners.
+            # Our view went stale (the pool changed under us): look again, keep the scanners
+            # and the queued targets (the next batch drops those no longer free, as in process).
             fresh = SnapshotView.from_reply(await core.call("snapshot", {}))
             snap.flags, snap.pageblock_mt, snap.free = fresh.flags, fresh.pageblock_mt, fresh.free
             snap.hopeless = fresh.hopeless
-            policy.forget_targets()
     s = policy.stats
     if stats is not None:
         stats.passes += 1

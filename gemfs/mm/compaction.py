@@ -764,10 +764,6 @@ class CompactionPolicy:
         if len(keep) != len(q):
             self._targets = deque(keep.tolist())
 
-    def forget_targets(self) -> None:
-        """Drop queued targets (the view they came from is stale); the free scanner goes on."""
-        self._targets.clear()
-
     def batch_done(self, batch: Batch, results: npt.NDArray[np.int32]) -> None:
         """Record the outcome. Targets that were not used are free again and may be reused.
 
