@@ -52,9 +52,11 @@ class DriverDaemon:
         name: str = "i915",
         migratetype: str | None = None,
         policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+        display_on: bool = True,
     ) -> None:
         self.control = control
         self.policy = policy
+        self.display_on = display_on
         self.migratetype = migratetype  # None: the design's (the core decides)
         self.listen = listen
         self.name = name
@@ -84,7 +86,7 @@ class DriverDaemon:
             raise RuntimeError("the core did not pass the pool memfd")
         self.design = Design.parse(str(core.info["design"]))
         self._map, frames = map_frames(core.fds[0], int(core.info["nr_pages"]))
-        self.gem = GemDriver(frames, policy=self.policy)
+        self.gem = GemDriver(frames, policy=self.policy, display_on=self.display_on)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_core, nursery)
             if self.design is Design.GEMFS:
@@ -429,6 +431,7 @@ async def run_driver(
     name: str = "i915",
     migratetype: str | None = None,
     policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+    display_on: bool = True,
 ) -> None:
-    d = DriverDaemon(control, listen, name, migratetype, policy)
+    d = DriverDaemon(control, listen, name, migratetype, policy, display_on)
     await d.run()

@@ -46,6 +46,12 @@ I915_TRYLOCK_TRIES = math.ceil(I915_TRYLOCK_S / JIFFY_S - 1e-9) + 1
 # submissions, whatever the GPU is still running (the lock guards the driver's state, not the
 # engines).
 I915_SUBMIT_LOCK_S = 0.0003
+# The patch then unbinds only if intel_runtime_pm_get_if_in_use() succeeds: a runtime-PM wakeref
+# is held. The lit display's power domains hold one; the GT holds one from its first request
+# until it has been idle for the idle worker's delay (i915_gem_idle_work_handler, queued
+# msecs_to_jiffies(100) after the last retirement in the 4.x driver). With the display off an
+# idle GPU is not "in use": -EBUSY.
+I915_GT_PARK_S = 0.100
 # A Mali GPU's cache maintenance for one migrated page: an L2 clean + invalidate of the page's
 # range issued through the MMU's address-space command register (AS_COMMAND FLUSH_MEM) and
 # waited for by polling AS_STATUS (panfrost_mmu.c mmu_hw_do_operation; kbase
@@ -182,6 +188,7 @@ class GemDriver:
     last_submit: float = -math.inf  # when the last explicit batch was submitted
     loop: FrameLoop | None = None  # the frame loop running in the background, if any
     loop_ids: set[int] = field(default_factory=set)  # its objects still bound and mapped
+    display_on: bool = True  # a lit display holds a runtime-PM wakeref (i915-2016's check)
 
     def add_object(self, obj_id: int, nr_pages: int, content_checksum: int) -> DriverObject:
         o = DriverObject(obj_id, nr_pages, np.full(nr_pages, -1, np.int64), content_checksum)
@@ -312,6 +319,19 @@ class GemDriver:
             t += JIFFY_S
         return False, t - now
 
+    def rpm_in_use(self, t: float) -> bool:
+        """intel_runtime_pm_get_if_in_use() at ``t``: is a wakeref held? The display's while
+        it is lit; the GT's until I915_GT_PARK_S after its last batch (explicit or the frame
+        loop's) completed."""
+        if self.display_on:
+            return True
+        if self.last_submit == -math.inf:  # the GPU never ran
+            return False
+        end = self.busy_until
+        if self.loop is not None and self.loop_ids:
+            end = max(end, self.loop.busy_until(t))
+        return t < end + I915_GT_PARK_S
+
     def write_object(self, o: DriverObject, offset: int, data: bytes) -> None:
         """A CPU write through the GTT (pwrite ioctl); the object must be bound."""
         if self.needs_bind(o):
@@ -358,7 +378,8 @@ class GemDriver:
         else -EAGAIN. i915-2016 (the posted patch): take struct_mutex (:meth:`i915_trylock`:
         tries a jiffy apart for ~10 ms, -EBUSY when they all fail; the lock is held during
         submissions), then -EBUSY if the object is active on the GPU (no wait, whatever the
-        mode), else unbind it and drop its whole backing store (the GTT here; its pins,
+        mode) or the device not in use (:meth:`rpm_in_use`: display off, GT parked), else
+        unbind it and drop its whole backing store (the GTT here; its pins,
         through the answer, in the core) so the pages may move. The object's next use
         re-faults every page. An object whose backing store is not held (dropped and not
         used since) holds no reference on its pages: they migrate at once, no lock taken."""
@@ -369,7 +390,8 @@ class GemDriver:
             if not o.bound:  # no backing store held (dropped before): page_count(page) <= 2,
                 return MigrateDecision(0)  # so the patch goes straight to migrate_page()
             got, lock = self.i915_trylock(now)
-            if not got or self.object_busy_until(o, now + lock) > now + lock:
+            t = now + lock
+            if not got or self.object_busy_until(o, t) > t or not self.rpm_in_use(t):
                 st.migrate_ebusy += n
                 return MigrateDecision(-EBUSY, lock_s=lock)
             self.unbind(o)

@@ -33,11 +33,12 @@ class InprocDriver:
         design: Design,
         migratetype: MigrateType | None = None,
         policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+        display_on: bool = True,
     ) -> None:
         self.mm = mm
         self.design = design
         self.migratetype = design.gem_migratetype if migratetype is None else migratetype
-        self.gem = GemDriver(mm.pool.frames, policy=policy)
+        self.gem = GemDriver(mm.pool.frames, policy=policy, display_on=display_on)
         if design is Design.GEMFS:
             mm.mount_ops = self
 

@@ -208,6 +208,13 @@ def _too_small(workload: Workload, records: Sequence[RunRecord]) -> str | None:
     help="The driver's migrate callback (the workload's [driver] policy does the same).",
 )
 @click.option(
+    "--display",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="Is a display lit (the workload's [driver] display does the same)? Off: an idle GPU "
+    "is not in use for runtime PM, and the i915-2016 callback refuses to drop objects.",
+)
+@click.option(
     "--trace",
     "trace_file",
     metavar="FILE",
@@ -225,6 +232,7 @@ def run(
     jobs: int | None,
     gem_migratetype: str | None,
     driver_policy: str | None,
+    display: str | None,
     trace_file: str | None,
 ) -> None:
     """Play a WORKLOAD file under each design and compare them side by side.
@@ -259,6 +267,8 @@ def run(
         raise click.UsageError("--mount plays on one existing mount: --jobs must be 1")
     if driver_policy:
         w = w.with_driver_policy(DriverPolicy.parse(driver_policy))
+    if display:
+        w = dataclasses.replace(w, display_on=display == "on")
     try:
         _run_and_report(w, chosen, factory, seeds, out_dir, json_file, jobs)
     finally:

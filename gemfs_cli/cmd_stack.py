@@ -53,6 +53,14 @@ def _check_socket(path: str) -> None:
     "active, else drop the object's backing store), or wait-idle with a GPU cache flush per "
     "page (its cost comes from the mount's cost table: flush_page_us).",
 )
+@click.option(
+    "--display",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Is a display lit? It keeps the GPU 'in use' for runtime PM; with it off an idle GPU "
+    "is not, and the i915-2016 callback answers -EBUSY.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def driver_cmd(
     control: str,
@@ -60,6 +68,7 @@ def driver_cmd(
     name: str,
     migratetype: str | None,
     policy: str,
+    display: str,
     verbose: bool,
 ) -> None:
     """Run the driver daemon (i915's part): GEM objects, a simulated GPU, migrate callbacks.
@@ -79,7 +88,9 @@ def driver_cmd(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            await run_driver(control, listen, name, migratetype, DriverPolicy.parse(policy))
+            await run_driver(
+                control, listen, name, migratetype, DriverPolicy.parse(policy), display == "on"
+            )
             nursery.cancel_scope.cancel()
 
     _run_trio("driver", main)

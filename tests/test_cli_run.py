@@ -71,6 +71,21 @@ def test_run_inproc_writes_records_and_report(tmp_path: Path) -> None:
     assert str(out / "report.md") in r.output
 
 
+def test_run_display_off_reaches_the_driver_and_the_report(tmp_path: Path) -> None:
+    workload = write_small(tmp_path)
+    out, records = tmp_path / "report", tmp_path / "out.json"
+    args = ["run", str(workload), "--inproc", "--design", "shmem-hook", "--json", str(records)]
+    r = invoke(*args, "--out", str(out), "--driver-policy", "i915-2016", "--display", "off")
+    assert r.exit_code == 0, r.output
+    data = json.loads(records.read_text())
+    assert [d["provenance"]["display"] for d in data] == ["off"]
+    assert "; driver i915-2016, display off; cost table" in r.output
+    assert "- driver policy: i915-2016, display off" in (out / "report.md").read_text()
+    r = invoke(*args, "--out", str(out), "--display", "dim")
+    assert r.exit_code == 2
+    assert "--display" in r.output
+
+
 def test_run_default_designs_are_all_of_them(tmp_path: Path) -> None:
     workload = write_small(tmp_path)
     records = tmp_path / "out.json"

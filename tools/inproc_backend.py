@@ -49,7 +49,7 @@ class InprocBackend:
         self.clock = self.mm.clock
         self._cost_table = self.mm.costs.to_json()
         self.driver = InprocDriver(
-            self.mm, design, workload.gem_migratetype, workload.driver_policy
+            self.mm, design, workload.gem_migratetype, workload.driver_policy, workload.display_on
         )
         c = workload.compactor
         self.mm.compaction_proactiveness = c.proactiveness

@@ -514,6 +514,7 @@ class Player:
                 # the driver's migrate callback (driver.gem.DriverPolicy) and the knobs of
                 # longterm-pin / confine / pinned-ttm as the workload set them (None: the default)
                 "driver_policy": self.w.driver_policy.value,
+                "display": "on" if self.w.display_on else "off",
                 "design_options": {
                     "movablecore": self.w.movablecore,
                     "confine_granule": self.w.confine_granule,

@@ -549,8 +549,9 @@ class Provenance:
     versions: tuple[str, ...]
     version_from_records: bool
     workload_file: str
-    # The driver policies the records name (wait-idle, i915-2016, per-page-flush), with the
-    # designs that ran under each; empty when the records do not say.
+    # The driver policies the records name (wait-idle, i915-2016, per-page-flush; ", display
+    # off" when the driver ran without a lit display), with the designs that ran under each;
+    # empty when the records do not say.
     driver_policies: tuple[tuple[str, tuple[str, ...]], ...]
     # Each distinct cost table with the designs that used it (normally one for all).
     cost_tables: tuple[tuple[tuple[CostEntry, ...], tuple[str, ...]], ...]
@@ -592,7 +593,8 @@ def provenance(workload: Workload, records: Sequence[RunRecord]) -> Provenance:
     policies: dict[str, list[str]] = {}
     for r in records:
         if (pol := r.provenance.get("driver_policy")) is not None:
-            used = policies.setdefault(str(pol), [])
+            off = r.provenance.get("display") == "off"  # (the default, on, goes unsaid)
+            used = policies.setdefault(f"{pol}, display off" if off else str(pol), [])
             if r.design not in used:
                 used.append(r.design)
     tables: dict[str, tuple[tuple[CostEntry, ...], list[str]]] = {}

@@ -135,11 +135,13 @@ class Stack:
         gem_migratetype: MigrateType | None = None,
         allow_uids: Sequence[int] = (),
         driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+        display_on: bool = True,
         movablecore: str | None = None,
         confine_granule: str | None = None,
         ttm_pool: str | None = None,
     ) -> None:
         self.driver_policy = driver_policy
+        self.display_on = display_on
         # the design's own knob (longterm-pin, confine, pinned-ttm): an option of the mount this
         # stack starts. The others are left out, as in process: a mount refuses another
         # design's knob, a workload's knobs hold for whichever design it is played under.
@@ -289,6 +291,8 @@ class Stack:
             cmd += ["--migratetype", self.gem_migratetype.name.lower()]
         if self.driver_policy is not DriverPolicy.WAIT_IDLE:
             cmd += ["--policy", self.driver_policy.value]
+        if not self.display_on:
+            cmd += ["--display", "off"]
         return cmd
 
     def driver_proc(self) -> subprocess.Popen[bytes]:
@@ -449,6 +453,7 @@ class StackBackend:
             model_clock=True,
             gem_migratetype=workload.gem_migratetype,
             driver_policy=workload.driver_policy,
+            display_on=workload.display_on,
             movablecore=workload.movablecore,
             confine_granule=workload.confine_granule,
             ttm_pool=workload.ttm_pool,

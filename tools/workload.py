@@ -16,6 +16,8 @@ A workload is a pool, a seed, the compactor's settings and a list of phases play
     migratetype = "movable"         #   unmovable | movable | reclaimable (an ablation)
     policy = "i915-2016"            #   the migrate callback: wait-idle (default) | i915-2016 |
                                     #   per-page-flush (sets flush_page_us unless [costs] does)
+    display = "off"                 #   on (default) | off: a lit display keeps the GPU "in
+                                    #   use" for runtime PM (read by i915-2016's callback)
 
     [design]                        # optional: knobs of three designs (gemfs/mm/region.py,
     movablecore = "50%"             #   gemfs/mm/ttm.py). longterm-pin: the movable region, a
@@ -368,6 +370,9 @@ class Workload:
     gem_migratetype: MigrateType | None = None
     # [driver] policy: what the driver's migrate callback does (driver.gem.DriverPolicy)
     driver_policy: DriverPolicy = DriverPolicy.WAIT_IDLE
+    # [driver] display: is a display lit (a runtime-PM wakeref held all along)? off: the GPU is
+    # "in use" only while it works and shortly after (driver.gem.GemDriver.rpm_in_use)
+    display_on: bool = True
     # [design] movablecore / confine_granule: the regions of longterm-pin and confine
     # (gemfs.mm.region; None: the default)
     movablecore: str | None = None
@@ -1045,15 +1050,18 @@ def workload_from_data(
         costs = tuple((k, ct.float_(k, lo=0.0, hi=1e9)) for k in known if ct.has(k))
     gem_mt: MigrateType | None = None
     policy = DriverPolicy.WAIT_IDLE
+    display_on = True
     if top.has("driver"):
         dt = top.table("driver", "[driver]")
-        dt.allow(("migratetype", "policy"))
+        dt.allow(("migratetype", "policy", "display"))
         if dt.has("migratetype"):
             gem_mt = MigrateType.parse(
                 dt.choice("migratetype", tuple(m.name.lower() for m in MigrateType))
             )
         if dt.has("policy"):
             policy = DriverPolicy.parse(dt.choice("policy", tuple(p.value for p in DriverPolicy)))
+        if dt.has("display"):
+            display_on = dt.choice("display", ("on", "off")) == "on"
     movablecore = confine_granule = ttm_pool = None
     if top.has("design"):
         dz = top.table("design", "[design]")
@@ -1090,6 +1098,7 @@ def workload_from_data(
         phases=phases,
         costs=costs,
         gem_migratetype=gem_mt,
+        display_on=display_on,
         movablecore=movablecore,
         confine_granule=confine_granule,
         ttm_pool=ttm_pool,
