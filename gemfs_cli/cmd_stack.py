@@ -366,22 +366,38 @@ def gem_stats(ctx: click.Context) -> None:
     type=int,
     help="Seed of the workers' and the fault injector's choices.",
 )
-def stress_cmd(minutes: float, design: str, workers: int, seed: int) -> None:
+@click.option(
+    "--driver-policy",
+    type=click.Choice(["wait-idle", "i915-2016", "per-page-flush"]),
+    default="wait-idle",
+    show_default=True,
+    help="The driver's migrate callback (gemfs driver --policy): i915-2016 drops idle objects "
+    "whole, and the GPU thread's next batch re-faults them.",
+)
+def stress_cmd(minutes: float, design: str, workers: int, seed: int, driver_policy: str) -> None:
     """Concurrent file I/O, GPU batches and compaction with faults injected; checks every byte.
 
     \b
     Example:
       gemfs stress --minutes 10 --design gemfs   # ends with: clean: 0 bytes lost"""
+    from driver.gem import DriverPolicy
     from gemfs.mm.types import Design
     from tools.stress import run_stress
 
-    rep = run_stress(minutes * 60, Design.parse(design), workers=workers, seed=seed)
+    rep = run_stress(
+        minutes * 60,
+        Design.parse(design),
+        workers=workers,
+        seed=seed,
+        policy=DriverPolicy.parse(driver_policy),
+    )
     rows = [
         ("duration (s)", f"{rep.seconds:.0f}"),
         ("file operations", rep.file_ops),
         ("GPU batches / objects", f"{rep.gpu_batches} / {rep.gpu_objects}"),
         ("pages migrated / failed", f"{rep.migrations} / {rep.migrate_fail}"),
         ("owner callbacks / timeouts", f"{rep.callbacks} / {rep.callback_timeouts}"),
+        ("objects dropped by callbacks", rep.dropped_objects),
         ("migrations aborted (peer died)", rep.aborted),
         ("explicit compactions", rep.compactions),
         ("driver kills / compactor kills", f"{rep.driver_kills} / {rep.compactor_kills}"),

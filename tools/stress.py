@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from driver.gem import gpu_pattern
+from driver.gem import DriverPolicy, gpu_pattern
 from gemfs.control.peer import CallError
 from gemfs.mm.types import PAGE_SIZE, Design
 from tools.stack_backend import Stack, StackError
@@ -241,6 +241,7 @@ class StressReport:
     compactions: int = 0
     driver_kills: int = 0
     torn_objects: int = 0  # objects a killed batch left half-written (allowed, counted)
+    dropped_objects: int = 0  # i915-2016: objects whose backing store a callback dropped
     compactor_kills: int = 0
     bytes_checked: int = 0
     bytes_lost: int = 0
@@ -256,9 +257,17 @@ class StressReport:
 
 
 class Stress:
-    def __init__(self, seconds: float, design: Design, workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        design: Design,
+        workers: int,
+        seed: int,
+        policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+    ) -> None:
         self.seconds = seconds
         self.design = design
+        self.policy = policy  # the driver's migrate callback (its process, restarts included)
         self.workers = workers
         self.rng = random.Random(seed)
         self.seed = seed
@@ -411,7 +420,7 @@ class Stress:
 
     def run(self) -> StressReport:
         t0 = time.monotonic()
-        with Stack("128MiB", self.design) as stack:
+        with Stack("128MiB", self.design, driver_policy=self.policy) as stack:
             stack.start_compactor(proactiveness=60, interval_ms=200)
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
@@ -463,16 +472,23 @@ class Stress:
             rep.callbacks = vm["gem_migrate_callbacks"] + vm["gem_invalidate_callbacks"]
             rep.callback_timeouts = vm["gem_callback_timeouts"]
             rep.aborted = vm["pgmigrate_aborted"]
+            rep.dropped_objects = vm.get("gem_objects_dropped", 0)
             if not os.path.ismount(stack.mountpoint):
                 rep.errors.append("the mount went away")
         rep.seconds = time.monotonic() - t0
         return rep
 
 
-def run_stress(seconds: float, design: Design, workers: int = 3, seed: int = 1) -> StressReport:
+def run_stress(
+    seconds: float,
+    design: Design,
+    workers: int = 3,
+    seed: int = 1,
+    policy: DriverPolicy = DriverPolicy.WAIT_IDLE,
+) -> StressReport:
     os.environ.setdefault("GEMFS_CALLBACK_TIMEOUT", "0.5")
     os.environ["GEMFS_DRIVER_ANSWER_DELAY_MS"] = "0"
     try:
-        return Stress(seconds, design, workers, seed).run()
+        return Stress(seconds, design, workers, seed, policy).run()
     finally:
         os.environ.pop("GEMFS_DRIVER_ANSWER_DELAY_MS", None)
