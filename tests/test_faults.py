@@ -18,6 +18,7 @@ import msgpack
 import pytest
 import trio
 
+from driver.gem import DriverPolicy
 from gemfs.control import arrays
 from gemfs.control.client import SyncClient
 from gemfs.control.peer import CallError, Peer, connect
@@ -85,11 +86,17 @@ def _wait_for_callbacks(stack: Stack, before: int) -> None:
         time.sleep(0.01)
 
 
-def test_driver_killed_mid_migration_again_and_again(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("policy", [DriverPolicy.WAIT_IDLE, DriverPolicy.I915_2016])
+def test_driver_killed_mid_migration_again_and_again(
+    monkeypatch: pytest.MonkeyPatch, policy: DriverPolicy
+) -> None:
+    """Under either driver policy: the kill lands while the driver holds its answer; the
+    restarted one takes its objects back by path (under i915-2016 objects are dropped in the
+    later compactions and re-faulted by the next batch)."""
     monkeypatch.setenv("GEMFS_CALLBACK_TIMEOUT", "10")
     # Each driver holds its answers 3 s (wall clock) so the kill lands while the core waits.
     monkeypatch.setenv("GEMFS_DRIVER_ANSWER_DELAY_MS", "3000")
-    with Stack("64MiB", Design.SHMEM_HOOK) as stack:
+    with Stack("64MiB", Design.SHMEM_HOOK, driver_policy=policy) as stack:
         kept = _killed_mid_migration(stack)
         # A driver that answers at once: compaction works again and still loses nothing.
         monkeypatch.delenv("GEMFS_DRIVER_ANSWER_DELAY_MS")
@@ -99,6 +106,8 @@ def test_driver_killed_mid_migration_again_and_again(monkeypatch: pytest.MonkeyP
         stack.compact_once()
         _check(stack)
         assert _contents(stack, kept) == expected
+        dropped = stack.core.call("stats")["vmstat"].get("gem_objects_dropped", 0)
+        assert (dropped > 0) == (policy is DriverPolicy.I915_2016)
 
 
 def _killed_mid_migration(stack: Stack) -> list[dict[str, Any]]:
