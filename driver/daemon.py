@@ -258,6 +258,12 @@ class DriverDaemon:
                     "data_errors": gem.stats.data_errors,
                     "checksums": {str(o.id): o.checksum for o in objs},
                 }
+            case "loop_tick":  # the frame loop's submissions so far re-fault what it lost
+                now = float((await core.call("clock", {}))["now"])
+                due = gem.loop_due(now)
+                for o in due:
+                    await self._bind(o)
+                return {"refaulted": len(due)}
             case "wait":
                 o = self._obj(a)
                 await self._idle(o)
@@ -353,7 +359,8 @@ class DriverDaemon:
                 if not isinstance(start, int) or not isinstance(count, int):
                     raise _err(errno.EINVAL, "start and count must be integers")
                 self.gem.stats.stall_s += wait
-                self.gem.invalidate(o, start, count)  # the core drops our pins in the range
+                self.gem.invalidate(o, start, count, at=float(now) + wait)  # the core drops
+                # our pins in the range
                 return {"rc": 0, "waited_s": wait}
             case _:
                 raise _err(errno.EOPNOTSUPP, f"unknown callback {call.op!r}")

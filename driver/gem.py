@@ -188,6 +188,9 @@ class GemDriver:
     last_submit: float = -math.inf  # when the last explicit batch was submitted
     loop: FrameLoop | None = None  # the frame loop running in the background, if any
     loop_ids: set[int] = field(default_factory=set)  # its objects still bound and mapped
+    # The loop's objects that lost their GTT (an i915-2016 drop, a notifier invalidation), and
+    # when: the loop's next submission re-faults them (loop_due, then bind puts them back).
+    loop_lost: dict[int, float] = field(default_factory=dict)
     display_on: bool = True  # a lit display holds a runtime-PM wakeref (i915-2016's check)
 
     def add_object(self, obj_id: int, nr_pages: int, content_checksum: int) -> DriverObject:
@@ -197,7 +200,26 @@ class GemDriver:
 
     def remove_object(self, obj_id: int) -> DriverObject | None:
         self.loop_ids.discard(obj_id)
+        self.loop_lost.pop(obj_id, None)
         return self.objects.pop(obj_id, None)
+
+    def _leave_loop(self, o: DriverObject, at: float | None) -> None:
+        """``o`` lost its GTT at ``at`` (None: for good, e.g. closed): it leaves the frame loop,
+        whose next submission re-faults it (:meth:`loop_due`)."""
+        if o.id in self.loop_ids:
+            self.loop_ids.discard(o.id)
+            if at is not None:
+                self.loop_lost[o.id] = at
+
+    def loop_due(self, now: float) -> list[DriverObject]:
+        """The loop's objects that lost their GTT before a submission the loop has made by
+        ``now``: that submission re-faults them (the caller binds them; :meth:`bind` puts them
+        back in the loop). The loop's resubmissions are busy time only, so this is asked where
+        the driver acts between phases, not at each submission."""
+        s = None if self.loop is None else self.loop.last_submission(now)
+        if s is None:
+            return []
+        return [self.objects[i] for i, t in self.loop_lost.items() if t < s and i in self.objects]
 
     # -- binding ----------------------------------------------------------------------------
     def needs_bind(self, o: DriverObject) -> bool:
@@ -212,6 +234,8 @@ class GemDriver:
         o.gtt = np.asarray(pfns, dtype=np.int64).copy()
         o.bound = True
         o.mapped = bool(np.all(o.gtt >= 0))
+        if o.mapped and self.loop_lost.pop(o.id, None) is not None:
+            self.loop_ids.add(o.id)  # re-faulted: the loop's batches use it again
 
     def extend(self, o: DriverObject, start: int, pfns: I64) -> None:
         """Pages [start, start + len(pfns)) joined the object after its creation, already pinned
@@ -235,13 +259,14 @@ class GemDriver:
         o.gtt[start : start + count] = -1
         o.mapped = False
 
-    def unbind(self, o: DriverObject) -> I64:
-        """Drop the GTT; return the frames whose pins the caller must release."""
+    def unbind(self, o: DriverObject, at: float | None = None) -> I64:
+        """Drop the GTT (at modelled time ``at``, if known); return the frames whose pins the
+        caller must release. The object leaves the frame loop until re-faulted."""
         held = o.gtt[o.gtt >= 0].copy()
         o.gtt[:] = -1
         o.bound = False
         o.mapped = False
-        self.loop_ids.discard(o.id)  # the loop's batches would re-fault it: it leaves the loop
+        self._leave_loop(o, at)
         return held
 
     # -- the GPU ----------------------------------------------------------------------------
@@ -290,6 +315,7 @@ class GemDriver:
         if keep > 0:
             self.loop = FrameLoop(now, interval, duration, now + keep)
             self.loop_ids = {o.id for o in objs}
+            self.loop_lost = {}
 
     # -- what compaction sees: the explicit batches and the frame loop ------------------------
     def object_busy_until(self, o: DriverObject, t: float) -> float:
@@ -394,7 +420,7 @@ class GemDriver:
             if not got or self.object_busy_until(o, t) > t or not self.rpm_in_use(t):
                 st.migrate_ebusy += n
                 return MigrateDecision(-EBUSY, lock_s=lock)
-            self.unbind(o)
+            self.unbind(o, at=t)
             st.dropped_objects += 1
             return MigrateDecision(0, lock_s=lock, drop=True)
         wait = self.migrate_wait(o, mode, now)
@@ -408,14 +434,16 @@ class GemDriver:
         live = o.gtt[idx] >= 0
         o.gtt[idx[live]] = dst[live]
 
-    def invalidate(self, o: DriverObject, start: int, count: int) -> I64:
-        """Notifier: stop using [start, start+count); return frames whose pins to release."""
+    def invalidate(self, o: DriverObject, start: int, count: int, at: float | None = None) -> I64:
+        """Notifier: stop using [start, start+count) (at modelled time ``at``, if known);
+        return frames whose pins to release. The object leaves the frame loop until
+        re-faulted."""
         seg = o.gtt[start : start + count]
         held = seg[seg >= 0].copy()
         seg[:] = -1
         if len(seg):
             o.mapped = False
-            self.loop_ids.discard(o.id)  # its next batch re-faults: it leaves the frame loop
+            self._leave_loop(o, at)
         o.invalidations += 1
         self.stats.invalidations += 1
         return held

@@ -79,6 +79,14 @@ class InprocDriver:
         obj = self.mm.get(o.id)
         self.gem.bind(o, self.mm.hold(self, obj, 0, o.nr_pages))
 
+    def loop_tick(self) -> int:
+        """The frame loop's submissions up to now re-fault the objects it lost (GemDriver.
+        loop_due): bind them again. Returns how many."""
+        due = self.gem.loop_due(self.mm.clock.now)
+        for o in due:
+            self.bind(o)
+        return len(due)
+
     def execute(
         self,
         objs: list[DriverObject],
@@ -135,7 +143,7 @@ class InprocDriver:
         if wait is None:  # a non-blocking invalidation of a busy range: -EAGAIN
             return Answer(rc=-EAGAIN)
         self.gem.stats.stall_s += wait
-        self.gem.invalidate(o, ask.start, ask.count)
+        self.gem.invalidate(o, ask.start, ask.count, at=ask.now + wait)
         return Answer(rc=0, waited_s=wait)
 
     def migrated(self, notice: Migrated) -> None:

@@ -170,6 +170,10 @@ class RecordingBackend:
         self.calls.append("execute")
         self.inner.execute(handles, duration_s, write, keep_s=keep_s, interval_s=interval_s)
 
+    def loop_tick(self) -> int:
+        self.calls.append("loop_tick")
+        return self.inner.loop_tick()
+
     def page_cache(self, size: int) -> Handle:
         self.calls.append("page_cache")
         return self.inner.page_cache(size)
@@ -227,6 +231,6 @@ def test_player_speaks_only_the_protocol() -> None:
     assert rec.calls[-2:] == ["verify", "teardown"]
     methods = {
         "create", "close", "execute", "page_cache", "alloc_noise", "free_noise", "probe",
-        "release_probes", "compact", "advance", "sample", "verify", "teardown",
+        "release_probes", "compact", "advance", "sample", "verify", "teardown", "loop_tick",
     }  # fmt: skip
     assert set(rec.calls) == methods

@@ -94,6 +94,12 @@ class Backend(Protocol):
         """
         ...
 
+    def loop_tick(self) -> int:
+        """The frame loop's submissions up to now re-fault the loop's objects that lost their
+        GTT since (an i915-2016 drop, a notifier invalidation); returns how many. The player
+        asks at each phase: between phases the loop's objects come back, not within one."""
+        ...
+
     def page_cache(self, size: int) -> Handle:
         """An unpinned MOVABLE file of ``size`` bytes that is not the driver's (can always move).
 

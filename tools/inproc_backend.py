@@ -102,6 +102,9 @@ class InprocBackend:
         objs = [self._objects[h] for h in handles]
         self.driver.execute(objs, duration_s, write, keep=keep_s, interval=interval_s)
 
+    def loop_tick(self) -> int:
+        return self.driver.loop_tick()
+
     def page_cache(self, size: int) -> Handle:
         h = self._handle()
         # The rest of the system's page cache: no owner, plain shmem under every design.

@@ -315,6 +315,8 @@ class Player:
 
     # -- phases -----------------------------------------------------------------------------
     def run_phase(self, phase: Phase) -> None:
+        # A frame loop's submissions since the last phase re-fault the objects it lost.
+        self.b.loop_tick()
         match phase:
             case Create():
                 for size in self._sizes(phase.size, phase.amount.count, phase.amount.fill):

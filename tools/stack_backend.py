@@ -528,6 +528,9 @@ class StackBackend:
             args |= {"keep_ms": keep_s * 1000, "interval_ms": interval_s * 1000}
         self._drv("exec", args)
 
+    def loop_tick(self) -> int:
+        return int(self._drv("loop_tick")["refaulted"])
+
     def page_cache(self, size: int) -> Handle:
         h = self._handle()
         name = self.stack.path_for(f"cache-{int(h)}")
