@@ -60,8 +60,8 @@ gpu            GPU batches. ``tag`` (a tag or a list); ``fraction`` (of those ob
                batch is resubmitted every ``interval_ms`` for this much more modelled time
                while the next phases run, so the driver's migrate callbacks find its objects
                and the device busy; the loop's batches are busy time only, reading and writing
-               nothing; a later loop replaces it; an object i915-2016 drops between frames
-               leaves it and is re-faulted at its next explicit batch only)
+               nothing; a later loop replaces it; a loop object that loses its GTT is
+               re-faulted by the loop at the next phase and rejoins it)
 free           ``tag``; one of ``every`` (every Nth in creation order, from ``offset``, default
                0), ``fraction`` (random), ``count`` (the oldest N), ``all = true``
 noise          Kernel allocations of another migrate type. ``tag``; ``type`` (unmovable |
