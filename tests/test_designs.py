@@ -26,7 +26,14 @@ from driver.gem import (
 from gemfs.mm import MemoryManager
 from gemfs.mm.pool import PG_ALLOC, PG_MT_MASK, PG_MT_SHIFT
 from gemfs.mm.ttm import ttm_pool_pages
-from gemfs.mm.types import PAGEBLOCK_ORDER, Design, MigrateMode, MigrateType, OutOfMemory
+from gemfs.mm.types import (
+    PAGE_SIZE,
+    PAGEBLOCK_ORDER,
+    Design,
+    MigrateMode,
+    MigrateType,
+    OutOfMemory,
+)
 from gemfs_cli.cmd_mount import DESIGNS
 from tools.inproc_backend import InprocBackend
 from tools.player import Player, RunRecord
@@ -588,6 +595,34 @@ def test_i915_2016_drops_whole_objects_and_refaults_them(design: Design) -> None
         "wait-idle",
     )
     assert old.data_errors == wait.data_errors == 0
+
+
+def test_i915_2016_a_page_still_referenced_after_the_drop_is_refused_ebusy() -> None:
+    """After dropping the backing store the patch lets the page move only if nobody else
+    holds it (page_count <= 2), else -EBUSY (not the -EAGAIN migrate_page() would give, which
+    migrate_pages retries). Here another holder pins page 5 of an idle object."""
+    from driver.inproc import InprocDriver
+
+    mm = MemoryManager("16MiB", design=Design.SHMEM_HOOK)
+    drv = InprocDriver(mm, Design.SHMEM_HOOK, policy=DriverPolicy.I915_2016)
+    o = drv.create(64 * PAGE_SIZE)
+    drv.execute([o], 0.0, True)
+    obj = mm.get(o.id)
+    other = object()
+    mm.hold(other, obj, 5, 1)
+    targets = mm.buddy.alloc_bulk(64, MigrateType.MOVABLE)
+    mm.buddy.free_pfns(targets)
+    old = obj.pages[:64].copy()
+    res = mm.migrate_pages(old, targets, MigrateMode.SYNC).results
+    assert res[5] == -errno.EBUSY
+    assert np.count_nonzero(res == 0) == 63
+    assert drv.gem.stats.dropped_objects == 1
+    assert obj.pages[5] == old[5]  # it stayed, still pinned by the other holder
+    assert mm.pool.pin[old[5]] == 1
+    drv.execute([o], 0.0, False)  # the next use re-faults the object: its content is intact
+    assert drv.verify_all() == 0
+    assert drv.gem.stats.data_errors == 0
+    mm.check()
 
 
 def _under_a_frame_loop() -> Workload:

@@ -216,9 +216,17 @@ class Migration:
             mm.vmstat.inc("gem_migrate_callback_ebusy", int(np.count_nonzero(out == -EBUSY)))
             obj = part.obj
             alive = mm.objects.get(obj.id) is obj and mm.owner_of(obj)[0] is ask.owner
-            if alive and not ans.failed and k < len(ans.dropped) and ans.dropped[k]:
+            dropped = alive and not ans.failed and k < len(ans.dropped) and ans.dropped[k]
+            if dropped:
                 stall_us += self._drop(ask.owner, obj)
             consent = (out == 0) & alive
+            if dropped:
+                # The owner let its whole backing store go (i915-2016): a page someone else
+                # still pins is "still referenced" (page_count > 2), and the patch answers
+                # -EBUSY for it rather than letting migrate_page() fail with -EAGAIN.
+                ref = consent & (mm.pool.pin[part.src] > 0)
+                out[ref] = -EBUSY
+                consent &= ~ref
             if not alive:
                 out[out == 0] = -EBUSY
             if np.any(consent):
